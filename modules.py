@@ -1,0 +1,224 @@
+"""The UNet of the DDPM tutorial, with self-attention, and the EMA helper.
+
+At its defaults `UNet()` / `UNet_conditional(num_classes=10)` has exactly the tutorial's state-dict keys and
+computes the same function, so checkpoints trained with the tutorial load here. Beyond the tutorial: any image size
+divisible by 8 (square or not), any channel count, a `width` that scales every layer, and `attention` choosing at
+which resolutions the self-attention blocks run.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class EMA:
+    """Exponential moving average of a model's weights: ema = beta * ema + (1 - beta) * model.
+
+    For the first `step_start_ema` steps the EMA model is a plain copy (the tutorial's warm-up).
+    """
+
+    def __init__(self, beta):
+        self.beta = beta
+        self.step = 0
+
+    @torch.no_grad()
+    def step_ema(self, ema_model, model, step_start_ema=2000):
+        if self.step < step_start_ema:
+            self.reset_parameters(ema_model, model)
+        else:
+            self.update_model_average(ema_model, model)
+        self.step += 1
+
+    @torch.no_grad()
+    def update_model_average(self, ema_model, model):
+        ema, current = list(ema_model.parameters()), list(model.parameters())
+        torch._foreach_lerp_(ema, current, 1 - self.beta)  # ema + (1 - beta) * (current - ema)
+
+    @torch.no_grad()
+    def reset_parameters(self, ema_model, model):
+        torch._foreach_copy_(list(ema_model.parameters()), list(model.parameters()))
+
+
+class SelfAttention(nn.Module):
+    """Pre-LayerNorm multi-head self-attention over the H*W positions, then a residual feed-forward block.
+
+    The parameters keep nn.MultiheadAttention's layout (the tutorial's keys); the attention itself runs through
+    F.scaled_dot_product_attention. `size` is accepted for the tutorial's call signature; the size is read from
+    the input, so any resolution works.
+    """
+
+    def __init__(self, channels, size=None, heads=4):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"SelfAttention: {channels} channels do not split into {heads} heads")
+        self.heads = heads
+        self.mha = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.ln = nn.LayerNorm([channels])
+        self.ff_self = nn.Sequential(
+            nn.LayerNorm([channels]),
+            nn.Linear(channels, channels),
+            nn.GELU(),
+            nn.Linear(channels, channels),
+        )
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (b, h*w, c)
+        qkv = F.linear(self.ln(x), self.mha.in_proj_weight, self.mha.in_proj_bias)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, c // self.heads)).permute(2, 0, 3, 1, 4)  # 3 x (b, heads, hw, d)
+        attention = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (b, hw, c)
+        x = self.mha.out_proj(attention) + x
+        x = self.ff_self(x) + x
+        return x.transpose(1, 2).unflatten(2, (h, w))
+
+
+class DoubleConv(nn.Module):
+    def __init__(self, in_channels, out_channels, mid_channels=None, residual=False):
+        super().__init__()
+        self.residual = residual
+        mid_channels = mid_channels or out_channels
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(1, mid_channels),
+            nn.GELU(),
+            nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(1, out_channels),
+        )
+
+    def forward(self, x):
+        if self.residual:
+            return F.gelu(x + self.double_conv(x))
+        return self.double_conv(x)
+
+
+class Down(nn.Module):
+    """Halve the resolution, two DoubleConvs, then add the projected time (and label) embedding."""
+
+    def __init__(self, in_channels, out_channels, emb_dim=256):
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(
+            nn.MaxPool2d(2),
+            DoubleConv(in_channels, in_channels, residual=True),
+            DoubleConv(in_channels, out_channels),
+        )
+        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+
+    def forward(self, x, t):
+        x = self.maxpool_conv(x)
+        return x + self.emb_layer(t)[:, :, None, None]
+
+
+class Up(nn.Module):
+    """Double the resolution, concatenate the skip connection, two DoubleConvs, add the embedding."""
+
+    def __init__(self, in_channels, out_channels, emb_dim=256):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.conv = nn.Sequential(
+            DoubleConv(in_channels, in_channels, residual=True),
+            DoubleConv(in_channels, out_channels, in_channels // 2),
+        )
+        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+
+    def forward(self, x, skip_x, t):
+        x = self.up(x)
+        x = torch.cat([skip_x, x], dim=1)
+        x = self.conv(x)
+        return x + self.emb_layer(t)[:, :, None, None]
+
+
+class UNet(nn.Module):
+    """The tutorial's UNet: three Down and three Up levels, a 3-block bottleneck, self-attention after each level.
+
+    width:     channels at full resolution (the tutorial's 64); the levels below have 2x, 4x, 4x, and the
+               bottleneck 8x.
+    attention: the downsampling factors at which the self-attention blocks run: 1 is full resolution (sa6),
+               2 half (sa1, sa5), 4 a quarter (sa2, sa4), 8 an eighth (sa3). The tutorial's is (1, 2, 4, 8): all six.
+    device:    accepted and ignored (the tutorial passed one); move the model with .to(device).
+    """
+
+    def __init__(self, c_in=3, c_out=3, time_dim=256, width=64, attention=(1, 2, 4, 8), device=None):
+        super().__init__()
+        if width % 4:
+            raise ValueError(f"width={width}: must be a multiple of 4 (self-attention uses 4 heads)")
+        if not set(attention) <= {1, 2, 4, 8}:
+            raise ValueError(f"attention={tuple(attention)}: factors must be among 1, 2, 4, 8")
+        self.c_in, self.time_dim = c_in, time_dim
+        w = width
+
+        def attn(channels, factor):
+            return SelfAttention(channels) if factor in attention else nn.Identity()
+
+        self.inc = DoubleConv(c_in, w)
+        self.down1 = Down(w, 2 * w, time_dim)
+        self.sa1 = attn(2 * w, 2)
+        self.down2 = Down(2 * w, 4 * w, time_dim)
+        self.sa2 = attn(4 * w, 4)
+        self.down3 = Down(4 * w, 4 * w, time_dim)
+        self.sa3 = attn(4 * w, 8)
+
+        self.bot1 = DoubleConv(4 * w, 8 * w)
+        self.bot2 = DoubleConv(8 * w, 8 * w)
+        self.bot3 = DoubleConv(8 * w, 4 * w)
+
+        self.up1 = Up(8 * w, 2 * w, time_dim)
+        self.sa4 = attn(2 * w, 4)
+        self.up2 = Up(4 * w, w, time_dim)
+        self.sa5 = attn(w, 2)
+        self.up3 = Up(2 * w, w, time_dim)
+        self.sa6 = attn(w, 1)
+        self.outc = nn.Conv2d(w, c_out, kernel_size=1)
+
+    def pos_encoding(self, t, channels):
+        """Sinusoidal encoding of the timestep (Vaswani et al. 2017): [sin(t f_i)] ++ [cos(t f_i)], f_i = 1e4^(-2i/C)."""
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, channels, 2, device=t.device).float() / channels))
+        angles = t.float()[:, None] * inv_freq
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+    def unet_forward(self, x, emb):
+        h, w = x.shape[-2:]
+        if h % 8 or w % 8:
+            raise ValueError(f"image size {h}x{w}: height and width must be divisible by 8 (the UNet halves them 3 times)")
+        x1 = self.inc(x)
+        x2 = self.sa1(self.down1(x1, emb))
+        x3 = self.sa2(self.down2(x2, emb))
+        x4 = self.sa3(self.down3(x3, emb))
+
+        x4 = self.bot3(self.bot2(self.bot1(x4)))
+
+        x = self.sa4(self.up1(x4, x3, emb))
+        x = self.sa5(self.up2(x, x2, emb))
+        x = self.sa6(self.up3(x, x1, emb))
+        return self.outc(x)
+
+    def forward(self, x, t):
+        return self.unet_forward(x, self.pos_encoding(t, self.time_dim))
+
+
+class UNet_conditional(UNet):
+    """The UNet with a class embedding added to the time embedding.
+
+    y may be:
+      - class indices (n,) int64; a negative index means "no label" (the null condition of classifier-free guidance);
+      - multi-hot float vectors (n, num_classes), e.g. face attributes: the sum of their classes' embeddings
+        (an all-zero row is the null condition);
+      - None: no label for the whole batch (the tutorial's convention).
+    """
+
+    def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, width=64, attention=(1, 2, 4, 8), device=None):
+        super().__init__(c_in, c_out, time_dim, width, attention)
+        self.num_classes = num_classes
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_dim)
+
+    def label_embedding(self, y):
+        if y.is_floating_point():  # multi-hot: sum of the rows of the classes that are on
+            return y.to(self.label_emb.weight.dtype) @ self.label_emb.weight
+        keep = (y >= 0).unsqueeze(-1)
+        return self.label_emb(y.clamp(min=0)) * keep
+
+    def forward(self, x, t, y=None):
+        emb = self.pos_encoding(t, self.time_dim)
+        if y is not None:
+            emb = emb + self.label_embedding(y)
+        return self.unet_forward(x, emb)

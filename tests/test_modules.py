@@ -1,0 +1,126 @@
+"""The UNet: the tutorial's keys and function, any size and channel count, attention through SDPA, and EMA."""
+import math
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from modules import EMA, SelfAttention, UNet, UNet_conditional
+
+REFERENCE = Path(__file__).parent / "reference"
+
+
+def reference_weights(keys):
+    """The deterministic weights of tests/reference/README.md, one tensor per (key, shape)."""
+    state = {}
+    for key, shape in keys:
+        g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        r = torch.randn(shape, generator=g, dtype=torch.float64)
+        if len(shape) >= 2:
+            w = r / math.sqrt(math.prod(shape) / shape[0])
+        elif key.endswith("weight"):
+            w = 1 + 0.1 * r
+        else:
+            w = 0.1 * r
+        state[key] = w.float()
+    return state
+
+
+def relative_error(ours, reference):
+    return ((ours - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("name", ["uncond64", "cond64"])
+def test_default_models_have_the_tutorials_keys_in_order(name):
+    lines = (REFERENCE / f"tutorial_{name}_keys.txt").read_text().splitlines()
+    expected = [(key, tuple(int(d) for d in shape.strip("()").split(",") if d.strip()))
+                for key, shape in (line.split("\t") for line in lines)]
+    model = UNet_conditional(num_classes=10) if name == "cond64" else UNet()
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == expected
+
+
+def test_unconditional_model_computes_the_tutorials_function():
+    ref = torch.load(REFERENCE / "tutorial_uncond64.pt", weights_only=True)
+    model = UNet().eval()
+    model.load_state_dict(reference_weights(ref["keys"]))
+    with torch.no_grad():
+        assert relative_error(model(ref["x"], ref["t"]), ref["out"]) < 1e-4
+
+
+def test_conditional_model_computes_the_tutorials_function():
+    ref = torch.load(REFERENCE / "tutorial_cond64.pt", weights_only=True)
+    model = UNet_conditional(num_classes=10).eval()
+    model.load_state_dict(reference_weights(ref["keys"]))
+    with torch.no_grad():
+        assert relative_error(model(ref["x"], ref["t"], ref["y"]), ref["out"]) < 1e-4
+        assert relative_error(model(ref["x"], ref["t"], None), ref["out_uncond"]) < 1e-4
+        # a negative label is the null condition, per sample: the same as no label
+        assert relative_error(model(ref["x"], ref["t"], torch.full((4,), -1)), ref["out_uncond"]) < 1e-4
+
+
+@pytest.mark.parametrize("size,channels", [(32, 3), (48, 1), (64, 3), (128, 1), ((64, 128), 3), ((24, 40), 1)])
+def test_unet_any_size_and_channel_count(size, channels):
+    h, w = (size, size) if isinstance(size, int) else size
+    model = UNet_conditional(channels, channels, num_classes=3, width=8, attention=(1, 2, 4, 8))
+    x = torch.randn(2, channels, h, w)
+    out = model(x, torch.tensor([3, 900]), torch.tensor([0, 2]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_impossible_sizes_are_clear_errors():
+    model = UNet(width=8)
+    with pytest.raises(ValueError, match=r"image size 28x28: .*divisible by 8"):
+        model(torch.randn(1, 3, 28, 28), torch.tensor([1]))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        UNet(width=10)
+    with pytest.raises(ValueError, match="among 1, 2, 4, 8"):
+        UNet(attention=(16,))
+
+
+def test_width_and_attention_constants_shape_the_model():
+    model = UNet(width=16, attention=(4, 8))
+    keys = model.state_dict().keys()
+    assert {k.split(".")[0] for k in keys if ".mha." in k} == {"sa2", "sa3", "sa4"}  # the 1/4 and 1/8 blocks
+    assert model.inc.double_conv[0].weight.shape[0] == 16 and model.bot1.double_conv[0].weight.shape[0] == 128
+    assert not any(".mha." in k for k in UNet(width=8, attention=()).state_dict())
+
+
+def test_self_attention_matches_torch_multihead_attention():
+    """SDPA on nn.MultiheadAttention's own parameters gives what the tutorial's mha(x, x, x) gave."""
+    torch.manual_seed(0)
+    block = SelfAttention(32).eval()
+    x = torch.randn(2, 32, 6, 10)
+    with torch.no_grad():
+        seq = x.flatten(2).transpose(1, 2)
+        normed = block.ln(seq)
+        attended = block.mha(normed, normed, normed)[0] + seq
+        expected = (block.ff_self(attended) + attended).transpose(1, 2).reshape(x.shape)
+        assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+def test_multi_hot_labels_embed_as_the_sum_of_their_classes():
+    torch.manual_seed(0)
+    model = UNet_conditional(num_classes=4, width=8).eval()
+    table = model.label_emb.weight
+    embedding = model.label_embedding(torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(embedding[0], table[0] + table[2], atol=1e-6) and (embedding[1] == 0).all()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 10])
+    with torch.no_grad():  # a one-hot vector is the same condition as its class index
+        assert torch.allclose(model(x, t, torch.eye(4)[[1, 3]]), model(x, t, torch.tensor([1, 3])), atol=1e-5)
+
+
+def test_ema_copies_during_warm_up_then_averages():
+    model, ema_model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ema = EMA(0.9)
+    for _ in range(3):  # warm-up: a plain copy, whatever the EMA weights were
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.step_ema(ema_model, model, step_start_ema=3)
+        assert torch.equal(ema_model.weight, model.weight)
+    before, new = ema_model.weight.clone(), model.weight + 5.0
+    with torch.no_grad():
+        model.weight.copy_(new)
+    ema.step_ema(ema_model, model, step_start_ema=3)
+    assert torch.allclose(ema_model.weight, 0.9 * before + 0.1 * new)
+    assert ema.step == 4
