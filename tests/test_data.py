@@ -1,0 +1,218 @@
+"""Data sources, the batch order, options and checkpoints, and the clear messages for bad input."""
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modules import UNet
+from utils import (SHAPE_CLASSES, EpochBatches, UserError, get_data, load_dataset, load_weights, parse_config,
+                   pick_device, save_checkpoint)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# --- the built-in shapes ---
+
+def test_shapes_are_deterministic_balanced_and_any_size():
+    a = load_dataset("shapes", (24, 40), num_images=60, seed=3)
+    b = load_dataset("shapes", (24, 40), num_images=60, seed=3)
+    c = load_dataset("shapes", (24, 40), num_images=60, seed=4)
+    assert a.images.shape == (60, 3, 24, 40) and a.images.dtype == torch.uint8
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+    assert a.classes == list(SHAPE_CLASSES) and torch.bincount(a.labels).tolist() == [10] * len(SHAPE_CLASSES)
+    assert load_dataset("shapes", 16, channels=1, num_images=6).images.shape == (6, 1, 16, 16)
+
+
+def test_shapes_vary_within_a_class_and_stand_out_from_the_background():
+    data = load_dataset("shapes", 32, num_images=120)
+    circles = data.images[data.labels == 0].float()
+    assert circles.std(0).mean() > 40  # colour, size and position differ from image to image
+    gray = (data.images.float() * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1)
+    corners = torch.stack([gray[:, 0, 0], gray[:, 0, -1], gray[:, -1, 0], gray[:, -1, -1]], 1).median(1).values
+    contrast = (gray - corners[:, None, None]).abs().flatten(1).max(1).values
+    assert (contrast > 50).all()  # every shape is visible, in grayscale too
+
+
+def test_shapes_test_split_differs_from_train():
+    train = load_dataset("shapes", 16, num_images=50)
+    test = load_dataset("shapes", 16, split="test", num_images=50)
+    assert not torch.equal(train.images, test.images)
+
+
+# --- the order of batches ---
+
+def test_epoch_batches_fixed_by_seed_and_epoch_and_resumable():
+    sampler = EpochBatches(103, 10, seed=5)
+    first = [b.tolist() for b in sampler]
+    assert len(first) == len(sampler) == 10 and all(len(b) == 10 for b in first)
+    assert len({i for b in first for i in b}) == 100  # no repeats; 3 left over are dropped
+    assert [b.tolist() for b in sampler] == first
+    sampler.set_epoch(1)
+    second = [b.tolist() for b in sampler]
+    assert second != first
+    sampler.set_epoch(1, start=4)
+    assert [b.tolist() for b in sampler] == second[4:]
+
+
+def test_epoch_batches_split_each_global_batch_across_ranks():
+    single = [b.tolist() for b in EpochBatches(64, 8, seed=1)]
+    ranks = [[b.tolist() for b in EpochBatches(64, 4, seed=1, rank=r, world_size=2)] for r in range(2)]
+    assert [r0 + r1 for r0, r1 in zip(*ranks)] == single
+
+
+def test_loader_yields_uint8_batches_and_refuses_a_dataset_smaller_than_a_batch():
+    data = load_dataset("shapes", 16, num_images=20)
+    images, labels = next(iter(get_data(data, batch_size=8)))
+    assert images.shape == (8, 3, 16, 16) and images.dtype == torch.uint8 and labels.shape == (8,)
+    with pytest.raises(UserError, match="20 images, fewer than one batch of 32"):
+        get_data(data, batch_size=32)
+
+
+# --- a folder of class subfolders ---
+
+def make_folder(root, grayscale=False):
+    rng = np.random.default_rng(0)
+    for name, count in (("cats", 3), ("dogs", 2)):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            shape = (30 + 10 * i, 50) if grayscale else (30 + 10 * i, 50, 3)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_image_folder_is_resized_and_labelled(tmp_path):
+    data = load_dataset(str(make_folder(tmp_path / "pets")), 16)
+    assert data.classes == ["cats", "dogs"] and data.channels == 3 and len(data) == 5
+    images, labels = next(iter(get_data(data, batch_size=5, num_workers=0)))
+    assert images.shape == (5, 3, 16, 16) and images.dtype == torch.uint8
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1]
+    gray = load_dataset(str(make_folder(tmp_path / "gray", grayscale=True)), (8, 16))
+    assert gray.channels == 1 and gray[torch.arange(5)][0].shape == (5, 1, 8, 16)
+
+
+def test_image_folder_skips_an_unreadable_image_and_names_it(tmp_path):
+    root = make_folder(tmp_path / "pets")
+    (root / "dogs" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    data = load_dataset(str(root), 16)
+    with pytest.warns(UserWarning, match=r"skipping unreadable image '.*broken\.jpg'"):
+        images, labels = data[torch.arange(len(data))]
+    assert len(images) == len(data) - 1 == 5
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("missing", r"dataset folder '.*nowhere' does not exist"),
+    ("flat", "has no class subfolders"),
+    ("empty", r"has no images in its class subfolders \(a, b\)"),
+])
+def test_bad_image_folders_are_clear_errors(tmp_path, layout, message):
+    root = tmp_path / "nowhere"
+    if layout == "flat":
+        root.mkdir()
+        Image.new("RGB", (8, 8)).save(root / "lonely.png")
+    if layout == "empty":
+        (root / "a").mkdir(parents=True)
+        (root / "b").mkdir()
+    with pytest.raises(UserError, match=message):
+        load_dataset(str(root), 16)
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(UserError, match="unknown dataset 'cifar11'"):
+        load_dataset("cifar11", 32)
+
+
+# --- FER-2013 ---
+
+def write_fer(path, rows):
+    lines = ["emotion,pixels,Usage"] + [f"{e},{' '.join(map(str, p))},{u}" for e, p, u in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_fer2013_csv(tmp_path):
+    rows = [(i % 7, [(i * 37 + k) % 256 for k in range(2304)], "Training" if i < 5 else "PublicTest")
+            for i in range(7)]
+    path = write_fer(tmp_path / "fer2013.csv", rows)
+    train = load_dataset(path, 48)
+    assert train.images.shape == (5, 1, 48, 48) and train.labels.tolist() == [0, 1, 2, 3, 4]
+    assert train.images[1, 0, 0, :3].tolist() == [37, 38, 39] and len(train.classes) == 7
+    assert load_dataset(path, 32, split="test").images.shape == (2, 1, 32, 32)
+
+
+def test_fer2013_bad_rows_name_the_line(tmp_path):
+    path = write_fer(tmp_path / "fer.csv", [(0, [1] * 2304, "Training"), (3, [1] * 100, "Training")])
+    with pytest.raises(UserError, match=r"fer\.csv' line 3: 100 pixels \(expected 2304\)"):
+        load_dataset(path, 48)
+    (tmp_path / "nopixels.csv").write_text("emotion,Usage\n1,Training\n")
+    with pytest.raises(UserError, match="has no column pixels"):
+        load_dataset(str(tmp_path / "nopixels.csv"), 48)
+
+
+# --- torchvision datasets ---
+
+def test_offline_download_says_where_to_put_the_files(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise socket.gaierror("no network here")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)  # simulate a machine without internet
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    with pytest.raises(UserError, match=r"could not download mnist into '.*data' .*are you offline.*"
+                                        r"train-images-idx3-ubyte\.gz.*MNIST/raw"):
+        load_dataset("mnist", 32, data_dir=str(tmp_path / "data"))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "FashionMNIST").is_dir(), reason="needs ../shared/data (not in a user's clone)")
+def test_fashion_mnist_from_local_files():
+    data = load_dataset("fashion_mnist", 32, data_dir=str(SHARED_DATA), num_images=100)
+    assert data.images.shape == (100, 1, 32, 32) and len(data.classes) == 10
+    assert load_dataset("fashion_mnist", 32, channels=3, data_dir=str(SHARED_DATA), num_images=4).channels == 3
+
+
+# --- options, devices, checkpoints ---
+
+def test_constants_become_typed_command_line_options():
+    constants = {"IMG_SIZE": 32, "LR": 3e-4, "AMP": True, "DATASET": "shapes", "ATTENTION": (4, 8),
+                 "CHANNELS": None, "lowercase": 1, "EMA": object()}
+    c = parse_config(constants, [])
+    assert vars(c) == {"img_size": 32, "lr": 3e-4, "amp": True, "dataset": "shapes", "attention": (4, 8),
+                       "channels": None}
+    c = parse_config(constants, ["--img_size", "64,128", "--lr", "1", "--amp", "false", "--dataset", "data/my faces",
+                                 "--attention", "8", "--channels", "1"])
+    assert (c.img_size, c.lr, c.amp, c.dataset, c.attention, c.channels) == ((64, 128), 1, False, "data/my faces",
+                                                                             (8,), 1)
+    with pytest.raises(UserError, match=r"--lr fast: expected a value of type float \(the default is 0.0003\)"):
+        parse_config(constants, ["--lr", "fast"])
+    with pytest.raises(SystemExit):  # argparse: an option that no constant defines
+        parse_config(constants, ["--epochz", "3"])
+
+
+def test_a_missing_device_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="device 'cuda' is not available"):
+        pick_device("cuda")
+    assert pick_device("auto").type in ("cpu", "mps")
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_keys(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(UNet(c_in=1, c_out=1, width=8, attention=()).state_dict(), path)
+    with pytest.raises(UserError, match=r"does not fit the model \(missing keys: sa1\.mha\.in_proj_weight.*"
+                                        r"shapes differ \(checkpoint vs model\): inc\.double_conv\.0\.weight "
+                                        r"\(8, 1, 3, 3\) vs \(8, 3, 3, 3\)"):
+        load_weights(UNet(width=8, attention=(2,)), path)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(UserError, match="cannot read checkpoint '.*junk.pt'"):
+        load_weights(UNet(width=8), tmp_path / "junk.pt")
+    with pytest.raises(UserError, match="does not exist"):
+        load_weights(UNet(width=8), tmp_path / "nothing.pt")
+
+
+def test_compiled_and_ddp_prefixes_are_removed_when_loading(tmp_path):
+    source = UNet(width=8, attention=())
+    prefixed = {"_orig_mod." + k: v for k, v in source.state_dict().items()}
+    target = load_weights(UNet(width=8, attention=()), prefixed)
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))

@@ -1,0 +1,449 @@
+"""Data, plotting, checkpoints and the small pieces of plumbing the training scripts share."""
+import argparse
+import ast
+import csv
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageDraw
+
+
+class UserError(ValueError):
+    """A problem with the input (data, options, checkpoint) that the user can fix. The scripts print its message
+    as one line and stop, without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration: UPPERCASE constants, each overridable on the command line
+# ---------------------------------------------------------------------------------------------------------------
+
+def parse_config(constants, argv=None, description=None):
+    """Read a script's UPPERCASE constants, each overridable on the command line as --lower_case VALUE.
+
+    VALUE is read as a Python literal (64, 3e-4, True, None, 64,128, "(4, 8)") or else as a plain string, and must
+    have the type of the constant's default. Returns the configuration as a namespace with lower-case names.
+    """
+    defaults = {name.lower(): value for name, value in constants.items()
+                if name.isupper() and isinstance(value, (bool, int, float, str, tuple, type(None)))}
+    parser = argparse.ArgumentParser(description=description)
+    for name, default in defaults.items():
+        parser.add_argument("--" + name, default=None, metavar="VALUE", help=f"default: {default!r}")
+    args = vars(parser.parse_args(argv))
+    values = {name: default if args[name] is None else parse_value(name, args[name], default)
+              for name, default in defaults.items()}
+    return argparse.Namespace(**values)
+
+
+def parse_value(name, text, default):
+    if isinstance(default, str):
+        return text
+    if text.lower() in ("true", "false", "none"):
+        text = text.capitalize()
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(default, tuple) and type(value) is int:
+        value = (value,)  # --attention 8
+    accepted = (default is None or type(value) is type(default)
+                or (type(default) is float and type(value) is int)
+                or (name == "img_size" and isinstance(value, tuple)))  # (height, width)
+    if not accepted:
+        raise UserError(f"--{name} {text}: expected a value of type {type(default).__name__} (the default is {default!r})")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device and precision
+# ---------------------------------------------------------------------------------------------------------------
+
+def pick_device(name=None):
+    """'auto' (or None): CUDA, else Apple MPS, else the CPU. Any other name must be available here."""
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise UserError(f"device '{name}' is not available on this machine: use --device auto or cpu")
+    return device
+
+
+def bf16_supported(device):
+    """Whether autocast to bfloat16 is fast here: CUDA GPUs with bf16 (Ampere and newer), and CPUs with native bf16
+    instructions (AVX512-BF16 or AMX). Off on Apple MPS, where it is not dependable."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data. Every dataset yields (uint8 images (n, C, H, W), int64 labels (n,)) for a whole batch of indices at once.
+# ---------------------------------------------------------------------------------------------------------------
+
+TORCHVISION_DATASETS = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST,
+                        "fashion_mnist": torchvision.datasets.FashionMNIST}
+FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "heart")
+SHAPES_TRAIN_IMAGES, SHAPES_TEST_IMAGES = 10000, 2000
+
+
+class ImageTensors(torch.utils.data.TensorDataset):
+    """A dataset held in memory: uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    def __init__(self, images, labels, classes):
+        super().__init__(images, labels)
+        self.images, self.labels, self.classes = images, labels, list(classes)
+        self.channels = images.shape[1]
+
+    def to(self, device):
+        return ImageTensors(self.images.to(device), self.labels.to(device), self.classes)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """A folder of class subfolders (torchvision's ImageFolder layout), decoded and resized a batch at a time.
+
+    Channels: 1 if the first image is grayscale, else 3, unless given. An unreadable image is skipped with a warning
+    that names it.
+    """
+
+    def __init__(self, root, img_size, channels=None):
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"dataset folder '{root}' does not exist")
+        try:
+            folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
+        except FileNotFoundError:
+            raise UserError(f"dataset folder '{root}' has no class subfolders: put the images in "
+                            f"{root}/<class name>/ (a single subfolder for unconditional training)") from None
+        if not folder.samples:
+            raise UserError(f"dataset folder '{root}' has no images in its class subfolders "
+                            f"({', '.join(folder.classes)})")
+        self.samples, self.classes = folder.samples, folder.classes
+        self.labels = torch.tensor(folder.targets)
+        self.img_size = img_size
+        if channels is None:
+            with Image.open(self.samples[0][0]) as first:
+                channels = 1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+        self.channels = channels
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, indices):
+        images, labels = [], []
+        for i in torch.as_tensor(indices).reshape(-1).tolist():
+            path, label = self.samples[i]
+            try:
+                with Image.open(path) as image:
+                    image = image.convert("L" if self.channels == 1 else "RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                warnings.warn(f"skipping unreadable image '{path}' ({e})")
+                continue
+            images.append(resize_and_crop(TF.pil_to_tensor(image), self.img_size))
+            labels.append(label)
+        return torch.stack(images), torch.tensor(labels)
+
+
+def resize_and_crop(images, size):
+    """Resize uint8 images (..., C, h, w) to cover `size` = (H, W), keeping the aspect ratio, then centre-crop."""
+    (H, W), (h, w) = size, images.shape[-2:]
+    if (h, w) != (H, W):
+        scale = max(H / h, W / w)
+        images = TF.resize(images, [max(H, round(h * scale)), max(W, round(w * scale))], antialias=True)
+        images = TF.center_crop(images, [H, W])
+    return images
+
+
+def to_channels(images, channels):
+    """Grayscale <-> RGB for uint8 images (N, C, H, W)."""
+    if images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    return TF.rgb_to_grayscale(images)
+
+
+def load_dataset(dataset, img_size, channels=None, split="train", data_dir="data", num_images=None, seed=0):
+    """The images of `dataset` at img_size, normalised later (uint8 here).
+
+    dataset: "shapes" (built in, drawn on the fly), "cifar10" / "mnist" / "fashion_mnist" (torchvision, downloaded
+    into data_dir on first use), a FER-2013 .csv file, or a folder of class subfolders. split: "train" or "test".
+    num_images: use a fixed random subset of this many images (None: all).
+    """
+    size = image_size(img_size)
+    if dataset == "shapes":
+        count = num_images or (SHAPES_TRAIN_IMAGES if split == "train" else SHAPES_TEST_IMAGES)
+        data = draw_shapes(count, size, seed=seed if split == "train" else seed + 1_000_003)
+        num_images = None
+    elif dataset in TORCHVISION_DATASETS:
+        data = load_torchvision(dataset, size, split, data_dir)
+    elif str(dataset).lower().endswith(".csv"):
+        data = load_fer2013(dataset, size, split)
+    elif Path(dataset).is_dir() or "/" in str(dataset) or os.sep in str(dataset):  # a folder, or a path to one
+        data = ImageFiles(dataset, size, channels)
+    else:
+        raise UserError(f"unknown dataset '{dataset}': expected shapes, cifar10, mnist, fashion_mnist, "
+                        f"a FER-2013 .csv file or an existing folder of class subfolders")
+    if isinstance(data, ImageTensors) and channels is not None:
+        data = ImageTensors(to_channels(data.images, channels), data.labels, data.classes)
+    if num_images is not None and num_images < len(data):
+        keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
+        data = (ImageTensors(data.images[keep], data.labels[keep], data.classes) if isinstance(data, ImageTensors)
+                else subset_files(data, keep))
+    return data
+
+
+def subset_files(data, keep):
+    data.samples = [data.samples[i] for i in keep.tolist()]
+    data.labels = data.labels[keep]
+    return data
+
+
+def image_size(img_size):
+    """An int or (height, width) as (height, width)."""
+    return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+
+
+def load_torchvision(name, size, split, data_dir):
+    cls, train = TORCHVISION_DATASETS[name], split == "train"
+    try:
+        data = cls(root=data_dir, train=train, download=False)
+    except RuntimeError:  # not there yet: download it
+        try:
+            data = cls(root=data_dir, train=train, download=True)
+        except (OSError, RuntimeError, socket.error) as e:
+            folder = Path(data_dir) / ("" if name == "cifar10" else f"{cls.__name__}/raw")
+            files = ["cifar-10-python.tar.gz"] if name == "cifar10" else [Path(url).name for url, _ in cls.resources]
+            raise UserError(f"could not download {name} into '{data_dir}' ({type(e).__name__}: are you offline?); "
+                            f"put {', '.join(files)} in '{folder}' or pass --data_dir") from None
+    images = torch.as_tensor(np.asarray(data.data))
+    images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images[:, None]  # CIFAR is NHWC, MNIST NHW
+    labels = torch.as_tensor(data.targets, dtype=torch.int64)
+    images = torch.cat([resize_and_crop(chunk, size) for chunk in images.split(4096)])
+    return ImageTensors(images, labels, data.classes)
+
+
+def load_fer2013(path, size, split):
+    """FER-2013 as distributed: a CSV with columns emotion,pixels,Usage; 48x48 grayscale, 7 classes. The "Training"
+    rows are the train split, the others (PublicTest, PrivateTest) the test split."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"FER-2013 file '{path}' does not exist")
+    images, labels = [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"emotion", "pixels"} - set(reader.fieldnames or [])
+        if missing:
+            raise UserError(f"'{path}' has no column {', '.join(sorted(missing))}: expected emotion,pixels,Usage")
+        for row_number, row in enumerate(reader, start=2):
+            if "Usage" in row and (row["Usage"] == "Training") != (split == "train"):
+                continue
+            try:
+                pixels = np.array(row["pixels"].split(), dtype=np.uint8)
+                label = int(row["emotion"])
+                if pixels.size != 48 * 48 or not 0 <= label < len(FER_CLASSES):
+                    raise ValueError(f"{pixels.size} pixels (expected 2304), emotion {label} (expected 0-6)")
+            except (ValueError, OverflowError, AttributeError) as e:
+                raise UserError(f"'{path}' line {row_number}: {e}") from None
+            images.append(pixels.reshape(1, 48, 48))
+            labels.append(label)
+    if not images:
+        raise UserError(f"'{path}' has no {split} rows")
+    images = resize_and_crop(torch.from_numpy(np.stack(images)), size)
+    return ImageTensors(images, torch.tensor(labels), FER_CLASSES)
+
+
+# --- the built-in dataset: procedurally drawn shapes ---
+
+def shape_outline(kind):
+    """The outline of a shape as polygon points around the origin, radius about 1."""
+    if kind == "circle":
+        a = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        return np.stack([np.cos(a), np.sin(a)], 1)
+    if kind == "square":
+        return np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.8
+    if kind == "triangle":
+        a = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        return np.stack([np.cos(a), -np.sin(a)], 1) * 1.05
+    if kind == "star":
+        a = np.pi / 2 + np.arange(10) * np.pi / 5
+        r = np.where(np.arange(10) % 2 == 0, 1.05, 0.45)
+        return np.stack([r * np.cos(a), -r * np.sin(a)], 1)
+    if kind == "cross":
+        u, v = 0.32, 0.95
+        return np.array([[-u, -v], [u, -v], [u, -u], [v, -u], [v, u], [u, u], [u, v], [-u, v], [-u, u], [-v, u],
+                         [-v, -u], [-u, -u]])
+    if kind == "heart":
+        s = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        x = 16 * np.sin(s) ** 3
+        y = -(13 * np.cos(s) - 5 * np.cos(2 * s) - 2 * np.cos(3 * s) - np.cos(4 * s))
+        return np.stack([x, y + 2.5], 1) / 16
+    raise ValueError(kind)
+
+
+def draw_shape(label, size, rng, supersample=4):
+    """One image of class `label`: a shape of random colour, size, position and rotation on a random background."""
+    H, W = size[0] * supersample, size[1] * supersample
+    luminance = np.array([0.299, 0.587, 0.114])
+    background = rng.integers(0, 256, 3)
+    colour = rng.integers(0, 256, 3)
+    while abs((colour - background) @ luminance) < 60:  # stand out from the background, in grayscale too
+        colour = rng.integers(0, 256, 3)
+    radius = min(H, W) * rng.uniform(0.22, 0.42)
+    centre = rng.uniform(radius, [W - radius, H - radius])
+    angle = rng.uniform(0, 2 * np.pi)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    points = shape_outline(SHAPE_CLASSES[label]) @ rotation.T * radius + centre
+    image = Image.new("RGB", (W, H), tuple(background.tolist()))
+    ImageDraw.Draw(image).polygon([tuple(p) for p in points], fill=tuple(colour.tolist()))
+    return image.resize((size[1], size[0]), Image.BOX)  # the average of each 4x4 block: anti-aliased edges
+
+
+def draw_shapes(count, size, seed=0):
+    """`count` images of SHAPE_CLASSES in turn, the same for the same (count, size, seed)."""
+    labels = torch.arange(count) % len(SHAPE_CLASSES)
+    images = [np.asarray(draw_shape(label, size, np.random.default_rng([seed, i])))
+              for i, label in enumerate(labels.tolist())]
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return ImageTensors(images, labels, SHAPE_CLASSES)
+
+
+# --- batches in a fixed order ---
+
+class EpochBatches(torch.utils.data.Sampler):
+    """The index batches of one epoch, the same on every run: a permutation fixed by (seed, epoch), cut into global
+    batches of batch_size * world_size, of which each process (rank) takes its own slice. The last incomplete
+    batch is dropped. set_epoch(epoch, start) picks the epoch and skips its first `start` batches (to resume)."""
+
+    def __init__(self, num_items, batch_size, seed=0, rank=0, world_size=1):
+        self.num_items, self.batch_size, self.seed, self.rank, self.world_size = (
+            num_items, batch_size, seed, rank, world_size)
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return self.num_items // (self.batch_size * self.world_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        global_batch = order[:len(self) * self.batch_size * self.world_size].view(len(self), self.world_size, -1)
+        yield from global_batch[self.start:, self.rank]
+
+
+def get_data(dataset, batch_size, seed=0, num_workers=4, device="cpu", rank=0, world_size=1):
+    """A DataLoader of (uint8 images, labels) batches of `dataset` (from load_dataset), in the order of
+    EpochBatches: call loader.sampler.set_epoch(epoch) before each epoch. Datasets held in memory move to the device
+    and are indexed there; folders of files are decoded by worker processes."""
+    sampler = EpochBatches(len(dataset), batch_size, seed, rank, world_size)
+    if len(sampler) == 0:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of "
+                        f"{batch_size * world_size}: lower --batch_size")
+    if isinstance(dataset, ImageTensors):
+        return torch.utils.data.DataLoader(dataset.to(device), sampler=sampler, batch_size=None)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
+                                       pin_memory=torch.device(device).type == "cuda",
+                                       persistent_workers=num_workers > 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images, plots, files
+# ---------------------------------------------------------------------------------------------------------------
+
+def setup_logging(run_name):
+    """The folders of a run: models/<run_name> (checkpoints) and results/<run_name> (sample grids, loss curve)."""
+    models, results = Path("models") / run_name, Path("results") / run_name
+    models.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
+    return models, results
+
+
+def plot_images(images, nrow=8):
+    """Show uint8 images (n, C, H, W) as a grid (in a notebook)."""
+    import matplotlib.pyplot as plt
+    grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow)
+    plt.figure(figsize=(min(16, grid.shape[2] / 32), min(16, grid.shape[1] / 32)))
+    plt.imshow(grid.permute(1, 2, 0).numpy())
+    plt.axis("off")
+    plt.show()
+
+
+def save_images(images, path, nrow=8):
+    """Save uint8 images (n, C, H, W) as one grid image; the format follows the file's extension."""
+    grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow)
+    image = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    replace_atomically(path, lambda tmp: image.save(tmp, format=Image.registered_extensions()[Path(path).suffix]))
+
+
+def save_loss_plot(losses, path):
+    """losses: (step, mean loss) pairs."""
+    from matplotlib.figure import Figure  # no pyplot: nothing is shown, no display needed
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    if losses:
+        ax.plot(*zip(*losses))
+    ax.set(xlabel="step", ylabel="MSE loss", yscale="log", title="training loss")
+    ax.grid(alpha=0.3)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def replace_atomically(path, write):
+    """Write to a temporary file beside `path`, then rename it over `path`: a kill at any moment leaves either the
+    old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(obj, path):
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def read_checkpoint(path):
+    """torch.load(path) on the CPU, weights only, with a clear message when it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds here: a truncated zip, an old pickle, a foreign object
+        raise UserError(f"cannot read checkpoint '{path}': {str(e).splitlines()[0]}") from None
+
+
+def load_weights(model, path_or_state, name=None):
+    """Load a state dict (or the file holding one) into model, naming the keys that differ if it does not fit.
+    Prefixes added by torch.compile ("_orig_mod.") and DistributedDataParallel ("module.") are removed."""
+    name = name or path_or_state
+    state = read_checkpoint(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint '{name}' holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    problems = []
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("shapes differ (checkpoint vs model)", shapes)):
+        if keys:
+            problems.append(f"{label}: {', '.join(keys[:4])}" + (f" and {len(keys) - 4} more" if len(keys) > 4 else ""))
+    if problems:
+        raise UserError(f"checkpoint '{name}' does not fit the model ({'; '.join(problems)}): was it trained with "
+                        f"other WIDTH, ATTENTION, CHANNELS, NUM_CLASSES?")
+    model.load_state_dict(state)
+    return model
