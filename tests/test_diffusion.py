@@ -1,0 +1,250 @@
+"""The diffusion math, checked against closed forms: the forward process, the schedules, the samplers on Gaussian
+data (whose exact noise predictor is known, so no training is needed), classifier-free guidance and label dropout."""
+import math
+
+import pytest
+import torch
+
+from ddpm import Diffusion, drop_labels
+from utils import UserError
+
+
+class GaussianEps(torch.nn.Module):
+    """The exact predictor when every pixel of x_0 is N(mu, std^2), independently: x_t = sqrt(a) x_0 + sqrt(1 - a) eps
+    (a = alpha_hat_t) is Gaussian, so E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) mu) / (a std^2 + 1 - a),
+    E[x_0 | x_t] = mu + sqrt(a) std^2 (x_t - sqrt(a) mu) / (a std^2 + 1 - a), and v = sqrt(a) eps - sqrt(1 - a) x_0.
+    Returns the one that diffusion.prediction names; records the timesteps it was called at."""
+
+    def __init__(self, diffusion, mu, std):
+        super().__init__()
+        self.diffusion, self.mu, self.std = diffusion, mu, std
+        self.timesteps = []
+
+    def forward(self, x, t, y=None):
+        self.timesteps.append(t[0].item())
+        a = self.diffusion.alpha_hat[t][:, None, None, None].double()
+        centred, variance = x.double() - a.sqrt() * self.mu, a * self.std ** 2 + 1 - a
+        eps = (1 - a).sqrt() * centred / variance
+        x0 = self.mu + a.sqrt() * self.std ** 2 * centred / variance
+        exact = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.diffusion.prediction]
+        return exact.float()
+
+
+def test_noise_images_matches_q_xt_given_x0():
+    """q(x_t | x_0) = N(sqrt(alpha_hat_t) x_0, (1 - alpha_hat_t) I), Ho et al. 2020 eq. 4."""
+    diffusion = Diffusion(device="cpu")
+    torch.manual_seed(0)
+    x0 = torch.full((4000, 1, 8, 8), 0.7)
+    for step in (0, 10, 250, 999):
+        t = torch.full((len(x0),), step)
+        x_t, noise = diffusion.noise_images(x0, t)
+        a = diffusion.alpha_hat[step].item()
+        n = x_t.numel()
+        assert abs(x_t.mean().item() - math.sqrt(a) * 0.7) < 5 * math.sqrt((1 - a) / n) + 1e-6
+        assert abs(x_t.var().item() / (1 - a) - 1) < 5 * math.sqrt(2 / n)
+        assert torch.allclose(x_t, math.sqrt(a) * x0 + math.sqrt(1 - a) * noise, atol=1e-6)  # the noise returned
+    assert abs(noise.mean().item()) < 5 / math.sqrt(n) and abs(noise.std().item() - 1) < 5 * math.sqrt(0.5 / n)
+
+
+def test_linear_schedule():
+    diffusion = Diffusion(device="cpu")
+    assert len(diffusion.beta) == 1000
+    assert diffusion.beta[0].item() == pytest.approx(1e-4) and diffusion.beta[-1].item() == pytest.approx(0.02)
+    assert torch.allclose(diffusion.alpha_hat, torch.cumprod(1 - diffusion.beta.double(), 0).float())
+
+
+def test_cosine_schedule_matches_its_closed_form():
+    """Nichol & Dhariwal 2021, eq. 17: alpha_hat_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi / 2)."""
+    diffusion = Diffusion(schedule="cosine", device="cpu")
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+    for step in (0, 100, 500, 900):  # index i is t = i + 1; beta is clipped at 0.999 only at the very end
+        assert diffusion.alpha_hat[step].item() == pytest.approx(f(step + 1) / f(0), rel=1e-5)
+    assert diffusion.beta.max() <= torch.tensor(0.999)
+
+
+def test_timesteps_cover_all_of_1_to_T():
+    """Training draws every timestep, including both ends; the ancestral sampler visits every one, T first."""
+    diffusion = Diffusion(noise_steps=50, device="cpu")
+    t = diffusion.sample_timesteps(20000, torch.Generator().manual_seed(0))
+    counts = torch.bincount(t, minlength=50)
+    assert len(counts) == 50 and counts.min() > 300  # uniform: 400 each on average
+    model = GaussianEps(diffusion, 0.0, 0.5)
+    diffusion.img_size, diffusion.channels = (8, 8), 1
+    diffusion.sample(model, 2, progress=False)
+    assert model.timesteps == list(range(49, -1, -1))
+    model.timesteps.clear()
+    diffusion.sample(model, 2, steps=7, progress=False)
+    assert model.timesteps[0] == 49 and model.timesteps[-1] == 0 and len(model.timesteps) == 7
+
+
+MU, STD = 0.2, 0.15  # 5 standard deviations stay inside [-1, 1], where the samplers clip x_0
+
+
+def gaussian_samples(steps, n=128, prediction="eps"):
+    """n x 2 x 16 x 16 samples (131072 values: standard errors 0.0006 for the mean, 0.2% for the std)."""
+    diffusion = Diffusion(img_size=16, channels=2, device="cpu", prediction=prediction)
+    model = GaussianEps(diffusion, MU, STD)
+    x_T = torch.randn(n, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    x_0 = diffusion.denoise(model, x_T, steps=steps, generator=torch.Generator().manual_seed(1))
+    return diffusion, model, x_T, x_0
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("steps", [None, 500])
+def test_samplers_reproduce_gaussian_data(steps, prediction):
+    """Handed the exact noise predictor of N(mu, std^2) data, ancestral sampling (Algorithm 2, all 1000 steps) and
+    DDIM return samples with that mean and standard deviation. The exact bias of the std here, from the closed forms:
+    ancestral +0.6% (sigma_t^2 = beta_t), DDIM with 500 steps -1.0% (its first-order step); sampling error 0.2%."""
+    _, _, _, x = gaussian_samples(steps, prediction=prediction)
+    assert abs(x.mean().item() - MU) < 0.003
+    assert abs(x.std().item() / STD - 1) < 0.02
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("steps", [10, 20, 50])
+def test_ddim_is_the_exact_deterministic_map(steps, prediction):
+    """For Gaussian data DDIM (eta = 0) is affine: x_0 = mu + K (x_T - sqrt(alpha_hat_T) mu), where, with
+    u_t = (sqrt(alpha_hat_t) std, sqrt(1 - alpha_hat_t)) (signal and noise scales of x_t), each step from t to t'
+    multiplies by <u_t, u_t'> / |u_t|^2, and the last one ends at u = (std, 0), the clean data."""
+    diffusion, model, x_T, x_0 = gaussian_samples(steps, n=8, prediction=prediction)
+    visited = model.timesteps
+    assert len(visited) == steps and visited[0] == 999 and visited[-1] == 0
+    assert all(a > b for a, b in zip(visited, visited[1:]))
+    alpha_hat = diffusion.alpha_hat.double()
+    u = [torch.stack([alpha_hat[t].sqrt() * STD, (1 - alpha_hat[t]).sqrt()]) for t in visited]
+    u.append(torch.tensor([STD, 0.0], dtype=torch.float64))
+    K = math.prod(((a @ b) / (a @ a)).item() for a, b in zip(u, u[1:]))
+    expected = MU + K * (x_T.double() - alpha_hat[999].sqrt() * MU)
+    assert torch.allclose(x_0.double(), expected, atol=2e-5)
+    if steps == 50:  # x_T has std 1, so x_0 has std K: quadratic spacing keeps 95.1% of STD, uniform would keep 84.5%
+        assert 0.945 < K / STD < 0.955
+
+
+def test_samplers_clip_the_predicted_x0_to_the_data_range():
+    """A model whose eps implies x_0 = 3 (outside [-1, 1]) ends at the clipped x_0 = 1, with either sampler."""
+    diffusion = Diffusion(img_size=8, channels=1, device="cpu")
+
+    class FarOut(torch.nn.Module):
+        def forward(self, x, t):
+            a = diffusion.alpha_hat[t][:, None, None, None]
+            return (x - a.sqrt() * 3.0) / (1 - a).sqrt()
+
+    for steps in (None, 20):
+        x = diffusion.denoise(FarOut(), torch.randn(4, 1, 8, 8), steps=steps)
+        assert torch.allclose(x, torch.ones_like(x), atol=1e-4)
+
+
+def test_sample_returns_rounded_uint8_images():
+    """x_0 = -0.2 is 101.99 on the [0, 255] scale: rounding gives 102 (truncation would give 101)."""
+    diffusion = Diffusion(img_size=8, channels=3, device="cpu")
+    target = 101.99 / 127.5 - 1
+
+    class Target(torch.nn.Module):
+        def forward(self, x, t):  # the eps for which DDIM's x_0 prediction is exactly `target`
+            a = diffusion.alpha_hat[t][:, None, None, None]
+            return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+    images = diffusion.sample(Target(), 3, steps=1, progress=False)
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 8, 8)
+    assert (images == 102).all()
+
+
+class TwoPredictions(torch.nn.Module):
+    """eps_c = 1 for labelled samples, eps_u = -2 for null ones (label -1); records every forward's labels."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t, y=None):
+        self.seen.append(y.clone())
+        labelled = (y >= 0) if y.ndim == 1 else (y != 0).any(1)
+        return torch.where(labelled[:, None, None, None], 1.0, -2.0).expand_as(x)
+
+
+@pytest.mark.parametrize("scale", [0, 1, 3, 7.5])
+def test_cfg_combination_and_forward_passes(scale):
+    """eps = eps_u + s (eps_c - eps_u); s=1 is one plain conditional pass, s=0 one unconditional pass, any other s
+    one batched pass of 2n holding both."""
+    diffusion = Diffusion(img_size=8, device="cpu")
+    model, labels = TwoPredictions(), torch.tensor([0, 3, 1])
+    x, t = torch.zeros(3, 3, 8, 8), torch.full((3,), 500)
+    eps = diffusion.guided_output(model, x, t, labels, scale)
+    assert torch.allclose(eps, torch.full_like(x, -2.0 + scale * 3.0))
+    assert len(model.seen) == 1
+    expected = {0: [-1, -1, -1], 1: [0, 3, 1]}.get(scale, [0, 3, 1, -1, -1, -1])
+    assert model.seen[0].tolist() == expected
+
+
+def test_cfg_null_condition_for_multi_hot_labels():
+    diffusion, model = Diffusion(img_size=8, device="cpu"), TwoPredictions()
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    diffusion.guided_output(model, torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), labels, 3)
+    assert len(model.seen) == 1 and model.seen[0].shape == (4, 3)
+    assert model.seen[0][:2].equal(labels) and (model.seen[0][2:] == 0).all()
+
+
+def test_labels_are_dropped_per_sample_at_the_cfg_rate():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (200_000,), generator=g)
+    dropped = drop_labels(labels, 0.1, g)
+    rate = (dropped == -1).float().mean().item()
+    assert abs(rate - 0.1) < 5 * math.sqrt(0.1 * 0.9 / len(labels))
+    kept = dropped != -1
+    assert dropped[kept].equal(labels[kept])
+    per_batch = (dropped.view(-1, 64)[:, :] == -1).sum(1)  # per sample, not per batch: batches are mixed
+    assert (per_batch > 0).float().mean() > 0.99 and (per_batch < 64).all()
+    multi_hot = torch.ones(1000, 4)
+    dropped = drop_labels(multi_hot, 0.5, g)
+    rows_zero = (dropped == 0).all(1)
+    assert ((dropped == 1).all(1) | rows_zero).all() and 400 < rows_zero.sum() < 600
+
+
+def test_sampler_rejects_bad_labels_and_steps():
+    from modules import UNet_conditional
+    diffusion = Diffusion(img_size=16, device="cpu")
+    model = UNet_conditional(num_classes=4, width=8, attention=())
+    with pytest.raises(UserError, match="label 4 is outside the model's 4 classes"):
+        diffusion.sample(model, 2, torch.tensor([1, 4]), steps=2, progress=False)
+    with pytest.raises(UserError, match="expected one class index per image"):
+        diffusion.sample(model, 2, torch.tensor([1, 2, 3]), steps=2, progress=False)
+    with pytest.raises(UserError, match="steps=1001"):
+        diffusion.sample(model, 2, torch.tensor([1, 2]), steps=1001, progress=False)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_each_training_target_implies_the_clean_image(prediction):
+    diffusion = Diffusion(device="cpu", prediction=prediction)
+    torch.manual_seed(0)
+    x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    for step in (0, 300, 999):
+        t = torch.full((4,), step)
+        x_t, _ = diffusion.noise_images(x0, t, noise)
+        target = diffusion.training_target(x0, noise, t)
+        recovered = diffusion.predicted_x0(target.double(), x_t.double(), diffusion.alpha_hat_list[step])
+        # eps at t = T: x_t is float32, and recovering x_0 divides its rounding by sqrt(alpha_hat) = 0.0064
+        assert torch.allclose(recovered.float(), x0, atol=1e-4 if step == 999 and prediction == "eps" else 1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error(prediction):
+    """Hang et al. 2023: the loss is min(SNR_t, gamma) |x_0 - x_0_hat|^2 whatever the network predicts. So the weight
+    times the squared error of the network's own output must equal that, for any output; at the chosen timesteps the
+    weights for eps are min(SNR, 5) / SNR (1 where SNR <= 5)."""
+    diffusion = Diffusion(device="cpu", prediction=prediction, loss_weighting="min_snr", min_snr_gamma=5.0)
+    torch.manual_seed(0)
+    t = torch.tensor([0, 40, 150, 400, 999])
+    x0, noise = torch.rand(5, 3, 8, 8) * 2 - 1, torch.randn(5, 3, 8, 8)
+    x_t, _ = diffusion.noise_images(x0, t, noise)
+    target = diffusion.training_target(x0, noise, t)
+    output = target + 0.1 * torch.randn_like(target)  # any prediction
+    weighted = diffusion.loss_weight(t) * (output - target).square().mean(dim=(1, 2, 3))
+    x0_hat = torch.stack([diffusion.predicted_x0(o.double(), x.double(), diffusion.alpha_hat_list[s])
+                          for o, x, s in zip(output, x_t, t.tolist())])
+    snr = (diffusion.alpha_hat[t] / (1 - diffusion.alpha_hat[t])).double()
+    expected = snr.clamp(max=5.0) * (x0_hat - x0.double()).square().mean(dim=(1, 2, 3))
+    assert torch.allclose(weighted.double(), expected, rtol=1e-3)
+    if prediction == "eps":
+        assert torch.allclose(diffusion.loss_weight(t), (snr.clamp(max=5) / snr).float())
+        assert diffusion.loss_weight(t)[-1] == 1 and diffusion.loss_weight(t)[0] < 0.001  # SNR(t=1) ~ 1e4
+    assert torch.equal(Diffusion(device="cpu", prediction=prediction).loss_weight(t), torch.ones(5))
