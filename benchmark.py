@@ -1,0 +1,214 @@
+"""How fast do we train and sample, against what this machine's matrix units can do?
+
+    python benchmark.py                                        # the tutorial-size conditional UNet, 32x32, batch 32
+    python benchmark.py --img_size 64 --batch_size 128 --compile --json out.json
+
+Measured in one process, warm-up excluded, device-synchronised, the median of several timed repeats:
+  - training images/s: the very step the training scripts run (ddpm.train_step: forward, backward, AdamW, EMA);
+  - the model's FLOPs per training image (torch.utils.flop_counter), and utilisation: the FLOP/s achieved divided by
+    the FLOP/s of a large matrix product in the same dtype, measured here and now;
+  - sampling images/s: DDIM 50 steps with classifier-free guidance (one batched pass per step), and the ancestral
+    1000-step sampler, both as the scripts sample; and the tutorial's way, ancestral with two separate forward
+    passes per step in fp32 (the sampler costs the same per step whatever T is, so the 1000-step figures come from
+    a few steps);
+  - peak memory (the GPU's allocator; on a CPU the process's peak resident size).
+"""
+import argparse
+import copy
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpm import Diffusion, make_diffusion, make_model, train_step
+from modules import EMA
+from utils import UserError, bf16_supported, pick_device
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn, device, repeats, warmup=2):
+    """Median seconds of `repeats` calls of fn, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_tflops(device, dtype, repeats=5):
+    """TFLOP/s of a large square matrix product: the practical peak of the matrix units."""
+    n = 8192 if device.type == "cuda" else 4096
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / timed(lambda: a @ b, device, repeats) / 1e12
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # Linux reports KiB
+
+
+def tutorial_ancestral_step(diffusion, model, x, t, labels, cfg_scale, step):
+    """One ancestral step the tutorial's way: the conditional and the unconditional pass one after the other."""
+    eps = model(x, t, labels)
+    eps = torch.lerp(model(x, t, None), eps, cfg_scale)
+    alpha, alpha_hat, beta = diffusion.alpha[step], diffusion.alpha_hat[step], diffusion.beta[step]
+    return (x - (1 - alpha) / (1 - alpha_hat).sqrt() * eps) / alpha.sqrt() + beta.sqrt() * torch.randn_like(x)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--img_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--width", type=int, default=64, help="64: the tutorial's UNet")
+    parser.add_argument("--attention", default="1,2,4,8", help="downsampling factors with self-attention")
+    parser.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--num_classes", type=int, default=10)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"),
+                        help="bf16: autocast, as the scripts' AMP (default where the device runs it natively)")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (the median is reported)")
+    parser.add_argument("--sample_repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args(argv)
+    try:
+        report = benchmark(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print_table(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def benchmark(args):
+    device = pick_device(args.device)
+    args.dtype = args.dtype or ("bf16" if bf16_supported(device) else "fp32")
+    if args.dtype == "bf16" and not bf16_supported(device):
+        raise UserError(f"{device} has no native bf16 here: use --dtype fp32")
+    amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    dtype = torch.bfloat16 if amp_dtype else torch.float32
+    if args.img_size % 8:
+        raise UserError(f"img_size={args.img_size}: must be divisible by 8")
+    attention = tuple(int(a) for a in args.attention.split(",") if a)
+    config = argparse.Namespace(  # what the scripts would build with these options (the tutorial's objective)
+        channels=args.channels, num_classes=args.num_classes if args.conditional else None, width=args.width,
+        attention=attention, img_size=args.img_size, noise_steps=1000, beta_start=1e-4, beta_end=0.02,
+        schedule="linear", prediction="eps", loss_weighting="none", min_snr_gamma=5.0, cfg_drop=0.1,
+        ema_start=0, channels_last=args.channels_last)
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    model = make_model(config).to(device, memory_format=memory_format)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    ema = EMA(0.995)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, foreach=device.type != "cuda",
+                                  fused=device.type == "cuda")
+    diffusion = make_diffusion(config, device)
+    train_model = torch.compile(model) if args.compile else model
+    generator = torch.Generator(device).manual_seed(0)
+    n = args.batch_size
+    images = torch.randint(0, 256, (n, args.channels, args.img_size, args.img_size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, args.num_classes, (n,), device=device) if args.conditional else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        train_step(train_model, ema_model, ema, optimizer, diffusion, images, labels, generator, config, amp_dtype)
+
+    with FlopCounterMode(display=False) as flops:  # forward and backward of one step (matmuls, convolutions, attention)
+        step()
+    gflop_per_image = flops.get_total_flops() / n / 1e9
+    train_seconds = timed(step, device, args.steps, warmup=3)
+    train_images_per_s = n / train_seconds
+
+    sample_labels = labels
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+    def ddim50():
+        with autocast():
+            diffusion.sample(ema_model, n, sample_labels, cfg_scale=3, steps=50, progress=False)
+
+    few = 10  # the ancestral samplers from `few` steps: the cost of a step does not depend on T
+    short = Diffusion(few, img_size=args.img_size, device=device, channels=args.channels)
+
+    def ancestral_few():
+        with autocast():
+            short.sample(ema_model, n, sample_labels, cfg_scale=3, steps=None, progress=False)
+
+    def tutorial_few():
+        with torch.inference_mode():
+            x = torch.randn(n, args.channels, args.img_size, args.img_size, device=device)
+            for step_index in reversed(range(few)):
+                t = torch.full((n,), step_index, device=device, dtype=torch.long)
+                x = tutorial_ancestral_step(short, ema_model, x, t, sample_labels, 3, step_index)
+
+    ddim_seconds = timed(ddim50, device, args.sample_repeats, warmup=1)
+    ancestral_seconds = timed(ancestral_few, device, args.sample_repeats, warmup=1) * 1000 / few
+    report = {
+        "device": describe(device), "dtype": args.dtype, "img_size": args.img_size, "batch_size": n,
+        "params": sum(p.numel() for p in model.parameters()),
+        "train": {"images_per_s": train_images_per_s, "gflop_per_image": gflop_per_image},
+        "sample": {"ddim50_cfg_images_per_s": n / ddim_seconds, "ancestral_images_per_s": n / ancestral_seconds},
+        "matmul_tflops": matmul_tflops(device, dtype),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    if args.conditional:
+        tutorial_seconds = timed(tutorial_few, device, args.sample_repeats, warmup=1) * 1000 / few
+        report["sample"]["tutorial_ancestral_fp32_images_per_s"] = n / tutorial_seconds
+    report["train"]["utilisation"] = gflop_per_image * train_images_per_s / 1000 / report["matmul_tflops"]
+    report["options"] = {"width": args.width, "attention": list(attention), "conditional": args.conditional,
+                         "channels_last": args.channels_last, "compile": args.compile}
+    return report
+
+
+def describe(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        import platform
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def print_table(r):
+    train, sample = r["train"], r["sample"]
+    rows = [
+        ("device", r["device"]), ("dtype", r["dtype"]), ("image size, batch", f"{r['img_size']}, {r['batch_size']}"),
+        ("parameters", f"{r['params']:,}"),
+        ("train images/s", f"{train['images_per_s']:.1f}"), ("train GFLOP/image", f"{train['gflop_per_image']:.2f}"),
+        ("matmul TFLOP/s", f"{r['matmul_tflops']:.2f}"), ("utilisation", f"{train['utilisation']:.2f}"),
+        ("sample images/s, DDIM-50 + CFG", f"{sample['ddim50_cfg_images_per_s']:.2f}"),
+        ("sample images/s, ancestral 1000 + CFG", f"{sample['ancestral_images_per_s']:.3f}"),
+    ]
+    if "tutorial_ancestral_fp32_images_per_s" in sample:
+        tutorial = sample["tutorial_ancestral_fp32_images_per_s"]
+        rows.append(("sample images/s, tutorial's ancestral (fp32, 2 passes)", f"{tutorial:.3f}"))
+        rows.append(("DDIM-50 + CFG speed-up over the tutorial's", f"{sample['ddim50_cfg_images_per_s'] / tutorial:.0f}x"))
+    rows.append(("peak memory MB", f"{r['peak_memory_mb']:.0f}"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()
