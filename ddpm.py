@@ -10,11 +10,14 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from modules import EMA, UNet, UNet_conditional
@@ -237,23 +240,35 @@ def check_config(c):
         raise UserError(f"channels={c.channels}: expected 1, 3 or None (the dataset's)")
 
 
-def drop_labels(labels, p, generator=None):
+def drop_labels(labels, p, generator=None, shard=(0, 1)):
     """Classifier-free guidance training: each sample's label becomes the null condition with probability p,
-    independently (Ho & Salimans 2022, Algorithm 1). Null: -1 for class indices, all zeros for multi-hot."""
-    drop = torch.rand(len(labels), device=labels.device, generator=generator) < p
+    independently (Ho & Salimans 2022, Algorithm 1). Null: -1 for class indices, all zeros for multi-hot.
+    shard: (rank, world_size), see train_step."""
+    drop = share(lambda m: torch.rand(m, device=labels.device, generator=generator), len(labels), shard) < p
     if labels.is_floating_point():
         return labels * ~drop[:, None]
     return torch.where(drop, -1, labels)
 
 
-def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, generator, config, amp_dtype):
+def share(draw, n, shard):
+    """This process's n of the random numbers draw(n * world_size) made for the whole global batch: under torchrun
+    every process draws the same numbers (same generator state) and keeps its own slice, so N processes compute
+    what one process would with the global batch."""
+    rank, world_size = shard
+    return draw(n * world_size)[rank * n:(rank + 1) * n]
+
+
+def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, generator, config, amp_dtype,
+               shard=(0, 1)):
     """One optimizer step of Algorithm 1 on a batch of uint8 images (the target and the weight of the squared error
-    follow diffusion.prediction and diffusion.loss_weighting); returns the loss as a tensor (no host sync)."""
+    follow diffusion.prediction and diffusion.loss_weighting); returns the loss as a tensor (no host sync).
+    shard: (rank, world_size) of this process when the global batch is split across processes (torchrun)."""
     x0 = images.float() / 127.5 - 1  # [0, 255] -> [-1, 1]
-    flip = torch.rand(len(x0), device=x0.device, generator=generator) < 0.5  # random horizontal flips
+    n, device = len(x0), x0.device
+    flip = share(lambda m: torch.rand(m, device=device, generator=generator), n, shard) < 0.5  # horizontal flips
     x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    t = diffusion.sample_timesteps(len(x0), generator)
-    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    t = share(lambda m: diffusion.sample_timesteps(m, generator), n, shard)
+    noise = share(lambda m: torch.randn((m, *x0.shape[1:]), device=device, generator=generator), n, shard)
     x_t, noise = diffusion.noise_images(x0, t, noise)
     if config.channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
@@ -261,7 +276,7 @@ def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, gene
         if labels is None:
             predicted = model(x_t, t)
         else:
-            predicted = model(x_t, t, drop_labels(labels, config.cfg_drop, generator))
+            predicted = model(x_t, t, drop_labels(labels, config.cfg_drop, generator, shard))
     squared_error = (predicted.float() - diffusion.training_target(x0, noise, t)).square().mean(dim=(1, 2, 3))
     loss = (diffusion.loss_weight(t) * squared_error).mean()  # Algorithm 1, line 5: || eps - eps_theta(x_t, t) ||^2
     optimizer.zero_grad(set_to_none=True)
@@ -286,7 +301,35 @@ def train(config, conditional=False):
     """Train a UNet on config.dataset; resumes from models/<run_name>/train_state.pt when it exists."""
     c = argparse.Namespace(**vars(config))  # filled in below; the caller's stays as it was
     check_config(c)
-    device = pick_device(c.device)
+    device, rank, world_size = setup_distributed(pick_device(c.device))
+    c.world_size = world_size  # processes (torchrun): the global batch is world_size * batch_size
+    try:
+        return train_on(c, conditional, device, rank, world_size)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def setup_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on CUDA (one GPU per process, LOCAL_RANK) and
+    gloo on the CPU. Returns (device, rank, world_size); a plain `python` run is rank 0 of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"torchrun: distributed training runs on CUDA (NCCL) or the CPU (gloo), not on {device}")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), world_size
+
+
+def train_on(c, conditional, device, rank, world_size):
+    """The training loop. Under torchrun each process trains on its slice of every global batch of
+    world_size * batch_size images (DistributedDataParallel averages the gradients, so the weights, the optimizer and
+    the EMA stay identical on every process); only rank 0 writes files and shows progress."""
+    log = print if rank == 0 else lambda *args: None
     amp_dtype = torch.bfloat16 if c.amp and bf16_supported(device) else None
     models_dir, results_dir = setup_logging(c.run_name)
     state_path = models_dir / "train_state.pt"
@@ -319,19 +362,27 @@ def train(config, conditional=False):
             group["lr"] = c.lr
         generator.set_state(state["generator"])
         ema.step, epoch, batch, step, losses = state["ema_step"], state["epoch"], state["batch"], state["step"], state["losses"]
-        print(f"resuming {models_dir} at epoch {epoch + 1}, step {step}")
+        log(f"resuming {models_dir} at epoch {epoch + 1}, step {step}")
     if epoch >= c.epochs:
-        print(f"{models_dir} has already trained {epoch} epochs (--epochs {c.epochs}): nothing to do")
+        log(f"{models_dir} has already trained {epoch} epochs (--epochs {c.epochs}): nothing to do")
         return model, ema_model
-    save_json(vars(c), models_dir / "config.json")
-    train_model = torch.compile(model) if c.compile else model
-    loader = get_data(dataset, c.batch_size, c.seed, c.num_workers, device)
-    print(f"{len(dataset)} images, {len(loader)} steps per epoch, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters, on {device}{' with bf16 autocast' if amp_dtype else ''}")
+    if rank == 0:
+        save_json(vars(c), models_dir / "config.json")
+    train_model = model
+    if world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if c.compile:
+        train_model = torch.compile(train_model)
+    loader = get_data(dataset, c.batch_size, c.seed, c.num_workers, device, rank, world_size)
+    log(f"{len(dataset)} images, {len(loader)} steps per epoch, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters, on {device}{' with bf16 autocast' if amp_dtype else ''}"
+        f"{f', {world_size} processes, global batch {world_size * c.batch_size}' if world_size > 1 else ''}")
 
     def save(epoch, batch):
         """Write the checkpoints; called only after a finite loss, so a diverged run never overwrites a good one.
-        Tensors go to the CPU first: the files load on any machine."""
+        Tensors go to the CPU first: the files load on any machine. Only rank 0 writes."""
+        if rank != 0:
+            return
         weights, ema_weights = cpu_state(model), cpu_state(ema_model)
         save_checkpoint(weights, models_dir / "ckpt.pt")
         save_checkpoint(ema_weights, models_dir / "ema_ckpt.pt")
@@ -341,22 +392,26 @@ def train(config, conditional=False):
 
     while epoch < c.epochs:
         loader.sampler.set_epoch(epoch, start=batch)
-        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, total=len(loader))
+        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, total=len(loader),
+                        disable=rank != 0)
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         for images, labels in progress:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True) if conditional else None
             window_loss += train_step(train_model, ema_model, ema, optimizer, diffusion, images, labels, generator,
-                                      c, amp_dtype)
+                                      c, amp_dtype, (rank, world_size))
             step, batch, window_steps = step + 1, batch + 1, window_steps + 1
             save_now = c.save_every and step % c.save_every == 0 and batch < len(loader)
             if step % c.log_every == 0 or batch == len(loader) or save_now:  # read the loss: waits for the device
+                if world_size > 1:  # the mean over all processes: every rank sees the same and stops alike
+                    dist.all_reduce(window_loss)
+                    window_loss /= world_size
                 loss = window_loss.item() / window_steps
                 if not math.isfinite(loss):
                     raise UserError(f"the loss became {loss} by step {step}: training stopped, and the last good "
                                     f"checkpoint in {models_dir} is kept (try a lower --lr, or --amp False)")
                 losses.append((step, loss))
-                rate = window_steps * c.batch_size / (time.perf_counter() - window_start)
+                rate = window_steps * c.batch_size * world_size / (time.perf_counter() - window_start)
                 progress.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{rate:.0f}")
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
             if save_now:
@@ -364,9 +419,10 @@ def train(config, conditional=False):
         progress.close()
         epoch, batch = epoch + 1, 0
         save(epoch, batch)
-        save_images(sample_grid(diffusion, ema_model, c, amp_dtype, device), results_dir / f"{epoch}.jpg")
-        save_loss_plot(losses, results_dir / "loss.png")
-    print(f"done: {models_dir}/ema_ckpt.pt, sample grids in {results_dir}/")
+        if rank == 0:
+            save_images(sample_grid(diffusion, ema_model, c, amp_dtype, device), results_dir / f"{epoch}.jpg")
+            save_loss_plot(losses, results_dir / "loss.png")
+    log(f"done: {models_dir}/ema_ckpt.pt, sample grids in {results_dir}/")
     return model, ema_model
 
 
