@@ -124,11 +124,15 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     assert result.returncode == 1 and result.stderr.startswith(message) and result.stderr.count("\n") == 1
 
 
-def test_resuming_with_other_settings_names_them(tmp_path):
+@pytest.mark.parametrize("args,difference", [
+    (["--width", "12"], "width=8, now 12"),
+    (["--prediction", "eps"], "prediction='v', now 'eps'"),  # the checkpoint predicts v: not loaded as eps
+])
+def test_resuming_with_other_settings_names_them(tmp_path, args, difference):
     run("ddpm.py", "--epochs", "1", cwd=tmp_path)
-    result = run("ddpm.py", "--epochs", "2", "--width", "12", cwd=tmp_path, expect_ok=False)
+    result = run("ddpm.py", "--epochs", "2", *args, cwd=tmp_path, expect_ok=False)
     assert result.returncode == 1
-    assert "holds a run with other settings (width=8, now 12): pass another --run_name" in result.stderr
+    assert f"holds a run with other settings ({difference}): pass another --run_name" in result.stderr
 
 
 def test_importing_the_scripts_starts_nothing(tmp_path):
