@@ -57,8 +57,9 @@ def classifier_path(dataset, data_dir, size, channels):
     return Path(str(dataset).rstrip("/\\") + "." + tag)
 
 
-def get_classifier(dataset, data_dir, size, channels, device, epochs=4, seed=0):
-    """The cached classifier for (dataset, size, channels), trained now when there is none."""
+def get_classifier(dataset, data_dir, size, channels, device, epochs=4, max_steps=1000, seed=0):
+    """The cached classifier for (dataset, size, channels), trained now when there is none: `epochs` passes over the
+    data in batches of 128, at most max_steps (about 2 minutes on a 2-core CPU), in bf16 where the device has it."""
     path = classifier_path(dataset, data_dir, size, channels)
     train = load_dataset(dataset, size, channels, "train", data_dir)
     model = Classifier(channels, len(train.classes)).to(device)
@@ -68,7 +69,8 @@ def get_classifier(dataset, data_dir, size, channels, device, epochs=4, seed=0):
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     images, labels = train.images.to(device), train.labels.to(device)
-    steps = epochs * (len(train) // 128)
+    steps = min(epochs * (len(train) // 128), max_steps)
+    amp_dtype = torch.bfloat16 if bf16_supported(device) else None
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     model.train()
     start = time.perf_counter()
@@ -76,14 +78,18 @@ def get_classifier(dataset, data_dir, size, channels, device, epochs=4, seed=0):
         batch = torch.randint(0, len(train), (128,), device=device)
         x = images[batch]
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
-        loss = F.cross_entropy(model(x), labels[batch])
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x).float(), labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
     print(f"  {steps} steps in {time.perf_counter() - start:.0f} s")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    except OSError as e:
+        print(f"warning: could not cache the classifier as {path} ({e.strerror}); the next call trains it again")
     return model.eval()
 
 
