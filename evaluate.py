@@ -266,12 +266,17 @@ def evaluate(args):
     labels = torch.arange(num_classes).repeat_interleave(args.n_per_class).to(device) if conditional else None
     n = args.n_per_class * num_classes
 
+    done = {}
+
     def run(cfg_scale, steps):
+        if (cfg_scale, steps) in done:  # the main setting comes back in both sweeps
+            return done[cfg_scale, steps]
         start = time.perf_counter()
         samples = generate(diffusion, model, labels, n, cfg_scale, None if steps >= config.noise_steps else steps,
                            amp_dtype, args.seed)
         result = measure(samples, labels, classifier, real_features_a, floor, conditional)
         result.update(cfg_scale=cfg_scale, steps=steps, seconds=round(time.perf_counter() - start, 1))
+        done[cfg_scale, steps] = result, samples
         return result, samples
 
     main_result, samples = run(args.cfg_scale, args.steps)
