@@ -5,6 +5,7 @@
 
 Checkpoints go to models/<RUN_NAME>/, sample grids and the loss curve to results/<RUN_NAME>/. Running the same
 command again resumes where it stopped. ddpm_conditional.py trains with class labels through this same loop.
+`torchrun --nproc_per_node=N ddpm.py ...` trains on N processes (GPUs) with DistributedDataParallel.
 """
 import argparse
 import copy
