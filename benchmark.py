@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm import Diffusion, make_diffusion, make_model, train_step
 from modules import EMA
-from utils import UserError, bf16_supported, pick_device
+from utils import UserError, autocast, bf16_supported, pick_device
 
 
 def synchronize(device):
@@ -142,17 +142,16 @@ def benchmark(args):
     train_images_per_s = n / train_seconds
 
     sample_labels = labels
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
     def ddim50():
-        with autocast():
+        with autocast(device, amp_dtype):
             diffusion.sample(ema_model, n, sample_labels, cfg_scale=3, steps=50, progress=False)
 
     few = 10  # the ancestral samplers from `few` steps: the cost of a step does not depend on T
     short = Diffusion(few, img_size=args.img_size, device=device, channels=args.channels)
 
     def ancestral_few():
-        with autocast():
+        with autocast(device, amp_dtype):
             short.sample(ema_model, n, sample_labels, cfg_scale=3, steps=None, progress=False)
 
     def tutorial_few():

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from modules import EMA, UNet, UNet_conditional
-from utils import (UserError, bf16_supported, get_data, image_size, load_dataset, load_weights, parse_config,
+from utils import (UserError, autocast, bf16_supported, get_data, image_size, load_dataset, load_weights, parse_config,
                    pick_device, read_checkpoint, replace_atomically, save_checkpoint, save_images, save_loss_plot, setup_logging)
 
 # --- data ---
@@ -273,7 +273,7 @@ def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, gene
     x_t, noise = diffusion.noise_images(x0, t, noise)
     if config.channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(x0.device, amp_dtype):
         if labels is None:
             predicted = model(x_t, t)
         else:
@@ -294,7 +294,7 @@ def sample_grid(diffusion, ema_model, config, amp_dtype, device):
     labels = torch.arange(min(num_classes, 10), device=device).repeat_interleave(8) if num_classes else None
     n, cfg_scale = (64, 1) if labels is None else (len(labels), config.cfg_scale)
     generator = torch.Generator(device).manual_seed(config.seed)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(device, amp_dtype):
         return diffusion.sample(ema_model, n, labels, cfg_scale, config.sample_steps, generator, progress=False)
 
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddpm import make_diffusion, make_model
-from utils import UserError, bf16_supported, image_size, load_dataset, load_weights, pick_device
+from utils import UserError, autocast, bf16_supported, image_size, load_dataset, load_weights, pick_device
 
 
 class Classifier(nn.Module):
@@ -57,9 +57,9 @@ def classifier_path(dataset, data_dir, size, channels):
     return Path(str(dataset).rstrip("/\\") + "." + tag)
 
 
-def get_classifier(dataset, data_dir, size, channels, device, epochs=4, max_steps=1000, seed=0):
+def get_classifier(dataset, data_dir, size, channels, device, amp_dtype=None, epochs=4, max_steps=1000, seed=0):
     """The cached classifier for (dataset, size, channels), trained now when there is none: `epochs` passes over the
-    data in batches of 128, at most max_steps (about 2 minutes on a 2-core CPU), in bf16 where the device has it."""
+    data in batches of 128, at most max_steps (about 2 minutes on a 2-core CPU), under autocast to amp_dtype."""
     path = classifier_path(dataset, data_dir, size, channels)
     train = load_dataset(dataset, size, channels, "train", data_dir)
     model = Classifier(channels, len(train.classes)).to(device)
@@ -70,7 +70,6 @@ def get_classifier(dataset, data_dir, size, channels, device, epochs=4, max_step
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     images, labels = train.images.to(device), train.labels.to(device)
     steps = min(epochs * (len(train) // 128), max_steps)
-    amp_dtype = torch.bfloat16 if bf16_supported(device) else None
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     model.train()
     start = time.perf_counter()
@@ -78,7 +77,7 @@ def get_classifier(dataset, data_dir, size, channels, device, epochs=4, max_step
         batch = torch.randint(0, len(train), (128,), device=device)
         x = images[batch]
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             loss = F.cross_entropy(model(x).float(), labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,7 +190,7 @@ def generate(diffusion, model, labels, n, cfg_scale, steps, amp_dtype, seed=0, b
     for start in range(0, n, batch_size):
         batch_labels = None if labels is None else labels[start:start + batch_size]
         size = min(batch_size, n - start)
-        with torch.autocast(diffusion.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(diffusion.device, amp_dtype):
             images.append(diffusion.sample(model, size, batch_labels, cfg_scale, steps, generator, progress=False))
     return torch.cat(images).cpu()
 
@@ -243,7 +242,7 @@ def evaluate(args):
     dataset, data_dir = args.dataset or config.dataset, args.data_dir or config.data_dir
     size, channels = image_size(config.img_size), config.channels
     conditional = bool(getattr(config, "num_classes", None))
-    classifier = get_classifier(dataset, data_dir, size, channels, device)
+    classifier = get_classifier(dataset, data_dir, size, channels, device, amp_dtype)
 
     try:
         real = load_dataset(dataset, size, channels, "test", data_dir)

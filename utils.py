@@ -88,6 +88,11 @@ def bf16_supported(device):
     return False
 
 
+def autocast(device, amp_dtype):
+    """Autocast to amp_dtype (torch.bfloat16) on this device; amp_dtype None: plain fp32, autocast off."""
+    return torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data. Every dataset yields (uint8 images (n, C, H, W), int64 labels (n,)) for a whole batch of indices at once.
 # ---------------------------------------------------------------------------------------------------------------

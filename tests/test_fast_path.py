@@ -77,10 +77,11 @@ def test_short_bf16_training_reaches_the_fp32_loss():
         diffusion, generator, order = make_diffusion(config, "cpu"), torch.Generator().manual_seed(0), torch.Generator()
         order.manual_seed(0)
         config.channels_last = channels_last
+        ema_model, ema = copy.deepcopy(model), EMA(0.9)
         for _ in range(60):
             batch_images, batch_labels = train_data[torch.randint(0, len(train_data), (32,), generator=order)]
-            train_step(model, copy.deepcopy(model), EMA(0.9), optimizer, diffusion, batch_images, batch_labels,
-                       generator, config, amp_dtype)
+            train_step(model, ema_model, ema, optimizer, diffusion, batch_images, batch_labels, generator, config,
+                       amp_dtype)
         return initial_loss, held_out_loss(model.float())
 
     initial_loss, fp32_loss = train(None, channels_last=False)
