@@ -24,7 +24,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm import Diffusion, make_diffusion, make_model, train_step
+from ddpm import Diffusion, make_diffusion, make_model, make_optimizer, train_step
 from modules import EMA
 from utils import UserError, autocast, bf16_supported, pick_device
 
@@ -121,8 +121,7 @@ def benchmark(args):
     model = make_model(config).to(device, memory_format=memory_format)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     ema = EMA(0.995)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, foreach=device.type != "cuda",
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(model, 3e-4, device)
     diffusion = make_diffusion(config, device)
     train_model = torch.compile(model) if args.compile else model
     generator = torch.Generator(device).manual_seed(0)

@@ -223,6 +223,12 @@ def make_diffusion(config, device):
                      config.channels, config.schedule, config.prediction, config.loss_weighting, config.min_snr_gamma)
 
 
+def make_optimizer(model, lr, device):
+    """AdamW as one fused kernel where torch has one (CUDA, CPU), else as foreach (one call per operation)."""
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, foreach=not fused)
+
+
 def check_config(c):
     size = image_size(c.img_size)
     if len(size) != 2 or not all(type(s) is int and s > 0 and s % 8 == 0 for s in size):
@@ -349,8 +355,7 @@ def train_on(c, conditional, device, rank, world_size):
     torch.manual_seed(c.seed)
     model = make_model(c).to(device, memory_format=torch.channels_last if c.channels_last else torch.preserve_format)
     ema_model = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, foreach=device.type != "cuda",
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(model, c.lr, device)
     ema = EMA(c.ema_beta)
     diffusion = make_diffusion(c, device)
     generator = torch.Generator(device).manual_seed(c.seed)  # every random draw of training comes from here

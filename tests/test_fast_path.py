@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from ddpm import Diffusion, make_diffusion, make_model, train_step
+from ddpm import Diffusion, make_diffusion, make_model, make_optimizer, train_step
 from modules import EMA, UNet_conditional
 from utils import bf16_supported, load_dataset
 
@@ -73,7 +73,7 @@ def test_short_bf16_training_reaches_the_fp32_loss():
         model = make_model(config)
         initial_loss = held_out_loss(model)
         model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, foreach=True)
+        optimizer = make_optimizer(model, 2e-3, torch.device("cpu"))
         diffusion, generator, order = make_diffusion(config, "cpu"), torch.Generator().manual_seed(0), torch.Generator()
         order.manual_seed(0)
         config.channels_last = channels_last
