@@ -22,11 +22,30 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count,
+                                      sdpa_flop_count)
 
 from ddpm import Diffusion, make_diffusion, make_model, make_optimizer, train_step
 from modules import EMA
 from utils import UserError, autocast, bf16_supported, pick_device
+
+
+def count_cpu_attention_flops():
+    """torch 2.14 counts the FLOPs of its GPU attention kernels but not of the CPU one (later versions do): count it
+    the same way (the backward recomputes the attention scores, as torch counts it for the GPU kernels)."""
+    aten = torch.ops.aten
+    formulas = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+    }
+    for op, formula in formulas.items():
+        if op not in flop_registry:
+            register_flop_formula(op)(formula)
+
+
+count_cpu_attention_flops()
 
 
 def synchronize(device):
