@@ -43,8 +43,9 @@ class SelfAttention(nn.Module):
     """Pre-LayerNorm multi-head self-attention over the H*W positions, then a residual feed-forward block.
 
     The parameters keep nn.MultiheadAttention's layout (the tutorial's keys); the attention itself runs through
-    F.scaled_dot_product_attention. `size` is accepted for the tutorial's call signature; the size is read from
-    the input, so any resolution works.
+    F.scaled_dot_product_attention (in fp32 when it trains on a CPU in bf16: torch's CPU kernel runs its backward
+    faster so). `size` is accepted for the tutorial's call signature; the size is read from the input, so any
+    resolution works.
     """
 
     def __init__(self, channels, size=None, heads=4):
@@ -66,7 +67,12 @@ class SelfAttention(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (b, h*w, c)
         qkv = F.linear(self.ln(x), self.mha.in_proj_weight, self.mha.in_proj_bias)
         q, k, v = qkv.unflatten(-1, (3, self.heads, c // self.heads)).permute(2, 0, 3, 1, 4)  # 3 x (b, heads, hw, d)
-        attention = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (b, hw, c)
+        if qkv.requires_grad and qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16:
+            with torch.autocast("cpu", enabled=False):
+                attention = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            attention = F.scaled_dot_product_attention(q, k, v)
+        attention = attention.transpose(1, 2).flatten(2)  # (b, hw, c)
         x = self.mha.out_proj(attention) + x
         x = self.ff_self(x) + x
         return x.transpose(1, 2).unflatten(2, (h, w))

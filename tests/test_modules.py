@@ -1,4 +1,5 @@
 """The UNet: the tutorial's keys and function, any size and channel count, attention through SDPA, and EMA."""
+import copy
 import math
 import zlib
 from pathlib import Path
@@ -97,6 +98,30 @@ def test_self_attention_matches_torch_multihead_attention():
         attended = block.mha(normed, normed, normed)[0] + seq
         expected = (block.ff_self(attended) + attended).transpose(1, 2).reshape(x.shape)
         assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+def test_self_attention_trains_in_bf16_as_in_fp32():
+    """With gradients on a CPU, the attention runs in fp32 inside a bf16 model: the output and the input's gradient
+    match fp32 within bf16 rounding, under autocast and for a model cast to bf16 alike, and keep the input's dtype."""
+    torch.manual_seed(0)
+    block = SelfAttention(32)
+    x, grad = torch.randn(2, 32, 16, 16, requires_grad=True), torch.randn(2, 32, 16, 16)
+    reference = block(x)
+    reference.backward(grad)
+    reference_grad, x.grad = x.grad, None
+
+    def relative_error(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = block(x)
+    output.backward(grad)
+    assert relative_error(output, reference) < 8 * 2 ** -8 and relative_error(x.grad, reference_grad) < 8 * 2 ** -8
+    x_bf16 = x.detach().bfloat16().requires_grad_()
+    output = copy.deepcopy(block).bfloat16()(x_bf16)
+    output.backward(grad.bfloat16())
+    assert output.dtype == x_bf16.grad.dtype == torch.bfloat16
+    assert relative_error(output, reference) < 8 * 2 ** -8 and relative_error(x_bf16.grad, reference_grad) < 8 * 2 ** -8
 
 
 def test_multi_hot_labels_embed_as_the_sum_of_their_classes():
