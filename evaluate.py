@@ -203,11 +203,13 @@ def sweep_plot(rows, path):
         part = [r for r in rows if r["sweep"] == key]
         xs = [r[key] for r in part]
         ax.plot(xs, [r["fd"] for r in part], "o-", color="tab:blue", label="FD")
-        ax.set(xlabel=label, ylabel="FD (classifier features)", yscale="log")
+        ax.set(xlabel=label, yscale="log")
+        ax.set_ylabel("FD (classifier features), circles", color="tab:blue")
         if "accuracy" in part[0]:
             twin = ax.twinx()
             twin.plot(xs, [r["accuracy"] for r in part], "s--", color="tab:red", label="accuracy")
-            twin.set(ylabel="conditional accuracy", ylim=(0, 1.02))
+            twin.set(ylim=(0, 1.02))
+            twin.set_ylabel("conditional accuracy, squares", color="tab:red")
         if key == "steps":
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
