@@ -30,9 +30,8 @@ def run(tmp_path, *options):
 
 
 def test_figures_and_the_flops_of_one_attention_block(tmp_path):
-    with_attention = run(tmp_path, "--attention", "1")
+    r = run(tmp_path, "--attention", "1")
     without = run(tmp_path, "--attention=")
-    r = with_attention
     assert {k: type(v) for k, v in r.items() if k not in ("train", "sample", "options")} == {
         "device": str, "dtype": str, "img_size": int, "batch_size": int, "params": int, "matmul_tflops": float,
         "peak_memory_mb": float}
@@ -48,5 +47,5 @@ def test_figures_and_the_flops_of_one_attention_block(tmp_path):
     # backward (input and weight gradients), and attention itself: 4 N^2 C forward, 10 N^2 C backward (above).
     n, c = 64, 8
     expected = 6 * 3 * 2 * n * c * c + 14 * n * n * c
-    assert (r["train"]["gflop_per_image"] - without["train"]["gflop_per_image"]) * 1e9 == pytest.approx(expected)
+    assert (train["gflop_per_image"] - without["train"]["gflop_per_image"]) * 1e9 == pytest.approx(expected)
     assert r["params"] - without["params"] == 6 * c * c + 6 * c + 2 * 2 * c  # 6 weight matrices, their biases, 2 LayerNorms
