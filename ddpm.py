@@ -22,16 +22,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from modules import EMA, UNet, UNet_conditional
-from utils import (UserError, autocast, bf16_supported, get_data, image_size, load_dataset, load_weights, parse_config,
-                   pick_device, read_checkpoint, replace_atomically, save_checkpoint, save_images, save_loss_plot, setup_logging)
+from utils import (UserError, amp_dtype, autocast, default_flip, get_data, image_size, load_dataset, load_weights,
+                   parse_config, pick_device, read_checkpoint, replace_atomically, save_checkpoint, save_images,
+                   save_loss_plot, setup_logging)
 
 # --- data ---
 RUN_NAME = "DDPM_unconditional"  # files go to models/<RUN_NAME>/ and results/<RUN_NAME>/
 DATASET = "shapes"        # "shapes" (built in), "cifar10", "mnist", "fashion_mnist", a FER-2013 .csv, or a folder
 DATA_DIR = "data"         # where torchvision datasets are downloaded to / looked for
-NUM_IMAGES = None         # a fixed random subset of this many training images (None: all; "shapes" draws 10000)
+NUM_IMAGES: int | None = None  # a fixed random subset of this many training images (None: all; "shapes": 10000)
 IMG_SIZE = 32             # int, or (height, width); divisible by 8
-CHANNELS = None           # None: the dataset's (1 grayscale, 3 RGB)
+CHANNELS: int | None = None  # None: the dataset's (1 grayscale, 3 RGB)
+FLIP: bool | None = None  # random horizontal flips; None: the dataset's (on, but off for mnist)
 # --- model ---
 WIDTH = 16                # channels at full resolution; tutorial: 64
 ATTENTION = (8,)          # self-attention at these downsampling factors; tutorial: (1, 2, 4, 8), all six blocks
@@ -54,7 +56,7 @@ LOG_EVERY = 25            # steps between loss readouts (each one waits for the 
 SEED = 0
 # --- machine ---
 DEVICE = "auto"           # "auto": CUDA, else Apple MPS, else CPU
-AMP = True                # bfloat16 autocast where the device runs it natively (weights stay float32)
+AMP: bool | str = True   # mixed precision: bf16 where native, fp16 on older CUDA GPUs, else fp32; or "fp16"/"bf16"
 CHANNELS_LAST = True      # channels-last memory format: faster convolutions on CPUs and tensor-core GPUs
 COMPILE = False           # torch.compile the model
 NUM_WORKERS = 4           # DataLoader workers for image folders (in-memory datasets need none)
@@ -266,14 +268,16 @@ def share(draw, n, shard):
 
 
 def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, generator, config, amp_dtype,
-               shard=(0, 1)):
+               shard=(0, 1), scaler=None):
     """One optimizer step of Algorithm 1 on a batch of uint8 images (the target and the weight of the squared error
     follow diffusion.prediction and diffusion.loss_weighting); returns the loss as a tensor (no host sync).
-    shard: (rank, world_size) of this process when the global batch is split across processes (torchrun)."""
+    shard: (rank, world_size) of this process when the global batch is split across processes (torchrun).
+    scaler: a torch.amp.GradScaler for float16 autocast: a step whose gradients overflow is skipped."""
     x0 = images.float() / 127.5 - 1  # [0, 255] -> [-1, 1]
     n, device = len(x0), x0.device
-    flip = share(lambda m: torch.rand(m, device=device, generator=generator), n, shard) < 0.5  # horizontal flips
-    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    if config.flip:  # random horizontal flips
+        flip = share(lambda m: torch.rand(m, device=device, generator=generator), n, shard) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
     t = share(lambda m: diffusion.sample_timesteps(m, generator), n, shard)
     noise = share(lambda m: torch.randn((m, *x0.shape[1:]), device=device, generator=generator), n, shard)
     x_t, noise = diffusion.noise_images(x0, t, noise)
@@ -287,8 +291,13 @@ def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, gene
     squared_error = (predicted.float() - diffusion.training_target(x0, noise, t)).square().mean(dim=(1, 2, 3))
     loss = (diffusion.loss_weight(t) * squared_error).mean()  # Algorithm 1, line 5: || eps - eps_theta(x_t, t) ||^2
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:  # float16: the loss scaled up so that small gradients do not flush to zero; inf/NaN gradients skip the step
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     ema.step_ema(ema_model, model, config.ema_start)
     return loss.detach()
 
@@ -337,13 +346,15 @@ def train_on(c, conditional, device, rank, world_size):
     world_size * batch_size images (DistributedDataParallel averages the gradients, so the weights, the optimizer and
     the EMA stay identical on every process); only rank 0 writes files and shows progress."""
     log = print if rank == 0 else lambda *args: None
-    amp_dtype = torch.bfloat16 if c.amp and bf16_supported(device) else None
+    amp = amp_dtype(device, c.amp)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     models_dir, results_dir = setup_logging(c.run_name)
     state_path = models_dir / "train_state.pt"
     state = read_checkpoint(state_path) if state_path.exists() else None
 
     dataset = load_dataset(c.dataset, c.img_size, c.channels, "train", c.data_dir, c.num_images, c.seed)
     c.channels, c.classes = dataset.channels, dataset.classes
+    c.flip = default_flip(c.dataset) if c.flip is None else c.flip
     if conditional:
         c.num_classes = c.num_classes or len(dataset.classes)
         if len(dataset.classes) > c.num_classes:
@@ -366,7 +377,9 @@ def train_on(c, conditional, device, rank, world_size):
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:
             group["lr"] = c.lr
-        generator.set_state(state["generator"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        resume_random_stream(generator, state, device, log)
         ema.step, epoch, batch, step, losses = state["ema_step"], state["epoch"], state["batch"], state["step"], state["losses"]
         log(f"resuming {models_dir} at epoch {epoch + 1}, step {step}")
     if epoch >= c.epochs:
@@ -381,7 +394,7 @@ def train_on(c, conditional, device, rank, world_size):
         train_model = torch.compile(train_model)
     loader = get_data(dataset, c.batch_size, c.seed, c.num_workers, device, rank, world_size)
     log(f"{len(dataset)} images, {len(loader)} steps per epoch, {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters, on {device}{' with bf16 autocast' if amp_dtype else ''}"
+        f"parameters, on {device}{f' with {str(amp)[6:]} autocast' if amp else ''}"
         f"{f', {world_size} processes, global batch {world_size * c.batch_size}' if world_size > 1 else ''}")
 
     def save(epoch, batch):
@@ -393,7 +406,8 @@ def train_on(c, conditional, device, rank, world_size):
         save_checkpoint(weights, models_dir / "ckpt.pt")
         save_checkpoint(ema_weights, models_dir / "ema_ckpt.pt")
         save_checkpoint({"model": weights, "ema_model": ema_weights, "optimizer": optimizer.state_dict(),
-                         "ema_step": ema.step, "generator": generator.get_state(), "epoch": epoch, "batch": batch,
+                         "ema_step": ema.step, "generator": generator.get_state(), "generator_device": device.type,
+                         "scaler": scaler.state_dict() if scaler else {}, "epoch": epoch, "batch": batch,
                          "step": step, "losses": losses, "config": vars(c)}, state_path)
 
     while epoch < c.epochs:
@@ -405,7 +419,7 @@ def train_on(c, conditional, device, rank, world_size):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True) if conditional else None
             window_loss += train_step(train_model, ema_model, ema, optimizer, diffusion, images, labels, generator,
-                                      c, amp_dtype, (rank, world_size))
+                                      c, amp, (rank, world_size), scaler)
             step, batch, window_steps = step + 1, batch + 1, window_steps + 1
             save_now = c.save_every and step % c.save_every == 0 and batch < len(loader)
             if step % c.log_every == 0 or batch == len(loader) or save_now:  # read the loss: waits for the device
@@ -426,10 +440,23 @@ def train_on(c, conditional, device, rank, world_size):
         epoch, batch = epoch + 1, 0
         save(epoch, batch)
         if rank == 0:
-            save_images(sample_grid(diffusion, ema_model, c, amp_dtype, device), results_dir / f"{epoch}.jpg")
+            save_images(sample_grid(diffusion, ema_model, c, amp, device), results_dir / f"{epoch}.jpg")
             save_loss_plot(losses, results_dir / "loss.png")
     log(f"done: {models_dir}/ema_ckpt.pt, sample grids in {results_dir}/")
     return model, ema_model
+
+
+def resume_random_stream(generator, state, device, log):
+    """Continue the run's random stream; a run saved on another kind of device (e.g. trained on a GPU, resumed on the
+    CPU) has a generator state this one cannot take, so its stream goes on from (seed, step) instead."""
+    same_kind = len(state["generator"]) == len(generator.get_state())  # files written before generator_device
+    saved_on = state.get("generator_device") or (device.type if same_kind else "another device")
+    if saved_on == device.type:
+        generator.set_state(state["generator"])
+    else:
+        generator.manual_seed(state["config"]["seed"] * 1_000_003 + state["step"])
+        log(f"resuming on {device.type} a run saved on {saved_on}: its random draws go on from a new stream "
+            f"(seed {state['config']['seed']}, step {state['step']}), so they differ from an uninterrupted run's")
 
 
 def cpu_state(model):

@@ -15,10 +15,11 @@ from ddpm import main
 RUN_NAME = "DDPM_conditional"  # files go to models/<RUN_NAME>/ and results/<RUN_NAME>/
 DATASET = "shapes"        # "shapes" (built in), "cifar10", "mnist", "fashion_mnist", a FER-2013 .csv, or a folder
 DATA_DIR = "data"         # where torchvision datasets are downloaded to / looked for
-NUM_IMAGES = None         # a fixed random subset of this many training images (None: all; "shapes" draws 10000)
+NUM_IMAGES: int | None = None  # a fixed random subset of this many training images (None: all; "shapes": 10000)
 IMG_SIZE = 32             # int, or (height, width); divisible by 8
-CHANNELS = None           # None: the dataset's (1 grayscale, 3 RGB)
-NUM_CLASSES = None        # None: the dataset's
+CHANNELS: int | None = None  # None: the dataset's (1 grayscale, 3 RGB)
+FLIP: bool | None = None  # random horizontal flips; None: the dataset's (on, but off for mnist)
+NUM_CLASSES: int | None = None  # None: the dataset's
 # --- model ---
 WIDTH = 16                # channels at full resolution; tutorial: 64
 ATTENTION = (8,)          # self-attention at these downsampling factors; tutorial: (1, 2, 4, 8), all six blocks
@@ -34,7 +35,7 @@ EPOCHS = 24
 BATCH_SIZE = 32
 LR = 2e-3                 # tutorial: 3e-4
 CFG_DROP = 0.1            # probability that a sample's label is replaced by the null condition
-CFG_SCALE = 3             # guidance scale of the sample grids: 1 conditional, 0 unconditional, >1 guided
+CFG_SCALE = 3.0           # guidance scale of the sample grids: 1 conditional, 0 unconditional, >1 guided
 EMA_BETA = 0.995
 EMA_START = 1000          # steps during which the EMA model just copies the weights; tutorial: 2000
 SAMPLE_STEPS = 50         # DDIM steps for the sample grid written after each epoch
@@ -43,7 +44,7 @@ LOG_EVERY = 25            # steps between loss readouts (each one waits for the 
 SEED = 0
 # --- machine ---
 DEVICE = "auto"           # "auto": CUDA, else Apple MPS, else CPU
-AMP = True                # bfloat16 autocast where the device runs it natively (weights stay float32)
+AMP: bool | str = True   # mixed precision: bf16 where native, fp16 on older CUDA GPUs, else fp32; or "fp16"/"bf16"
 CHANNELS_LAST = True      # channels-last memory format: faster convolutions on CPUs and tensor-core GPUs
 COMPILE = False           # torch.compile the model
 NUM_WORKERS = 4           # DataLoader workers for image folders (in-memory datasets need none)

@@ -4,6 +4,7 @@ import ast
 import csv
 import os
 import socket
+import typing
 import warnings
 from pathlib import Path
 
@@ -27,36 +28,43 @@ def parse_config(constants, argv=None, description=None):
     """Read a script's UPPERCASE constants, each overridable on the command line as --lower_case VALUE.
 
     VALUE is read as a Python literal (64, 3e-4, True, None, 64,128, "(4, 8)") or else as a plain string, and must
-    have the type of the constant's default. Returns the configuration as a namespace with lower-case names.
+    have the type of the constant's default (a float option also takes an int); a constant whose default is None
+    gets its type from its annotation (`NUM_IMAGES: int | None = None`). Returns the configuration as a namespace
+    with lower-case names.
     """
+    annotations = constants.get("__annotations__", {})
     defaults = {name.lower(): value for name, value in constants.items()
                 if name.isupper() and isinstance(value, (bool, int, float, str, tuple, type(None)))}
     parser = argparse.ArgumentParser(description=description)
     for name, default in defaults.items():
         parser.add_argument("--" + name, default=None, metavar="VALUE", help=f"default: {default!r}")
     args = vars(parser.parse_args(argv))
-    values = {name: default if args[name] is None else parse_value(name, args[name], default)
+    values = {name: default if args[name] is None else
+              parse_value(name, args[name], default, annotations.get(name.upper()))
               for name, default in defaults.items()}
     return argparse.Namespace(**values)
 
 
-def parse_value(name, text, default):
-    if isinstance(default, str):
-        return text
-    if text.lower() in ("true", "false", "none"):
-        text = text.capitalize()
+def parse_value(name, text, default, annotation=None):
+    """One option's value from its text, checked against its annotation's types, or else its default's type."""
+    types = [t for t in typing.get_args(annotation) or (annotation,) if t is not type(None)] if annotation else \
+        [type(default)]
     try:
-        value = ast.literal_eval(text)
+        value = ast.literal_eval(text.capitalize() if text.lower() in ("true", "false", "none") else text)
     except (ValueError, SyntaxError):
         value = text
-    if isinstance(default, tuple) and type(value) is int:
-        value = (value,)  # --attention 8
-    accepted = (default is None or type(value) is type(default)
-                or (type(default) is float and type(value) is int)
-                or (name == "img_size" and isinstance(value, tuple)))  # (height, width)
-    if not accepted:
-        raise UserError(f"--{name} {text}: expected a value of type {type(default).__name__} (the default is {default!r})")
-    return value
+    if type(value) in types or (value is None and default is None) or types == [type(None)]:
+        return value  # (a None default without an annotation takes any value)
+    if float in types and type(value) is int:
+        return float(value)  # --cfg_scale 7
+    if tuple in types and type(value) is int:
+        return (value,)  # --attention 8
+    if name == "img_size" and isinstance(value, tuple):
+        return value  # (height, width)
+    if str in types:
+        return text
+    names = " or ".join(t.__name__ for t in types)
+    raise UserError(f"--{name} {text}: expected a value of type {names} (the default is {default!r})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -71,7 +79,10 @@ def pick_device(name=None):
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device '{name}': expected auto, cpu, cuda, cuda:N or mps") from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, False):
         raise UserError(f"device '{name}' is not available on this machine: use --device auto or cpu")
@@ -79,17 +90,38 @@ def pick_device(name=None):
 
 
 def bf16_supported(device):
-    """Whether autocast to bfloat16 is fast here: CUDA GPUs with bf16 (Ampere and newer), and CPUs with native bf16
-    instructions (AVX512-BF16 or AMX). Off on Apple MPS, where it is not dependable."""
+    """Whether this device computes in bfloat16 natively (so autocast to it is fast): CUDA GPUs from Ampere on
+    (compute capability 8.0; a T4, V100 or P100 only emulates it, slowly), and CPUs with AVX512-BF16 or AMX. Off on
+    Apple MPS, where it is not dependable."""
+    device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
+        if hasattr(torch.cpu, "get_capabilities"):  # torch 2.11 and later
+            capabilities = torch.cpu.get_capabilities()
+            return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
 
 
+def amp_dtype(device, amp=True):
+    """The autocast dtype of mixed precision on this device. amp True: bfloat16 where it is native, float16 on CUDA
+    GPUs without it (T4, V100, P100: their tensor cores run fp16; training needs a GradScaler), None (fp32)
+    elsewhere; False: None; "bf16" or "fp16": that dtype (e.g. to try fp16 on Apple MPS)."""
+    device = torch.device(device)
+    if amp in ("bf16", "fp16"):
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if amp not in (True, False):
+        raise UserError(f"amp={amp!r}: expected True (automatic), False, 'bf16' or 'fp16'")
+    if not amp:
+        return None
+    if bf16_supported(device):
+        return torch.bfloat16
+    return torch.float16 if device.type == "cuda" else None
+
+
 def autocast(device, amp_dtype):
-    """Autocast to amp_dtype (torch.bfloat16) on this device; amp_dtype None: plain fp32, autocast off."""
+    """Autocast to amp_dtype (torch.bfloat16 or torch.float16) on this device; amp_dtype None: plain fp32."""
     return torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
@@ -102,6 +134,13 @@ TORCHVISION_DATASETS = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchv
 FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "heart")
 SHAPES_TRAIN_IMAGES, SHAPES_TEST_IMAGES = 10000, 2000
+MIRRORING_CHANGES_MEANING = {"mnist"}  # a mirrored digit is no digit: no horizontal flips by default
+
+
+def default_flip(dataset):
+    """Whether training flips the images of `dataset` horizontally when FLIP is None: yes, unless mirroring changes
+    what an image shows (digits; pass --flip False for text or any such folder)."""
+    return dataset not in MIRRORING_CHANGES_MEANING
 
 
 class ImageTensors(torch.utils.data.TensorDataset):
@@ -197,6 +236,8 @@ def load_dataset(dataset, img_size, channels=None, split="train", data_dir="data
     elif str(dataset).lower().endswith(".csv"):
         data = load_fer2013(dataset, size, split)
     elif Path(dataset).is_dir() or "/" in str(dataset) or os.sep in str(dataset):  # a folder, or a path to one
+        if split != "train":
+            raise UserError(f"dataset folder '{dataset}' has no {split} split: its images are all training images")
         data = ImageFiles(dataset, size, channels)
     else:
         raise UserError(f"unknown dataset '{dataset}': expected shapes, cifar10, mnist, fashion_mnist, "
@@ -208,6 +249,14 @@ def load_dataset(dataset, img_size, channels=None, split="train", data_dir="data
         data = (ImageTensors(data.images[keep], data.labels[keep], data.classes) if isinstance(data, ImageTensors)
                 else subset_files(data, keep))
     return data
+
+
+def in_memory(data):
+    """A dataset from load_dataset as ImageTensors: a folder's images decoded and held in memory."""
+    if isinstance(data, ImageTensors):
+        return data
+    images, labels = data[torch.arange(len(data))]
+    return ImageTensors(images, labels, data.classes)
 
 
 def subset_files(data, keep):

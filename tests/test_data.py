@@ -189,11 +189,28 @@ def test_constants_become_typed_command_line_options():
         parse_config(constants, ["--epochz", "3"])
 
 
+def test_options_check_their_types_floats_take_ints_and_none_defaults_use_their_annotation():
+    import ddpm_conditional
+    constants = vars(ddpm_conditional)
+    c = parse_config(constants, ["--cfg_scale", "7.5", "--lr", "1", "--num_images", "100", "--flip", "False",
+                                 "--amp", "fp16"])
+    assert (c.cfg_scale, c.lr, c.num_images, c.flip, c.amp) == (7.5, 1.0, 100, False, "fp16")
+    assert type(c.lr) is float and type(parse_config(constants, ["--cfg_scale", "2"]).cfg_scale) is float
+    assert parse_config(constants, ["--num_images", "None"]).num_images is None
+    for option, value, expected in (("--epochs", "2.5", "int"), ("--num_images", "abc", "int"),
+                                    ("--num_classes", "1.5", "int"), ("--flip", "yes", "bool"),
+                                    ("--cfg_scale", "True", "float")):
+        with pytest.raises(UserError, match=rf"^{option} {value}: expected a value of type {expected} \(the default"):
+            parse_config(constants, [option, value])
+
+
 def test_a_missing_device_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(UserError, match="device 'cuda' is not available"):
         pick_device("cuda")
+    with pytest.raises(UserError, match="device 'gpu': expected auto, cpu, cuda, cuda:N or mps"):
+        pick_device("gpu")
     assert pick_device("auto").type in ("cpu", "mps")
 
 

@@ -15,6 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpm import Diffusion, train_step
+from modules import EMA
+from utils import default_flip
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--num_images", "48", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
         "--ema_start", "2", "--log_every", "1", "--amp", "False"]
@@ -38,11 +42,20 @@ def final_state(cwd, script):
 
 
 def assert_same_training(a, b):
+    """Two train_state.pt files hold the same run: weights, EMA, the whole optimizer state, the loss scaler, the
+    position (step, epoch, batch), the logged losses and the random stream."""
     for part in ("model", "ema_model"):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
-    assert (a["step"], a["epoch"], a["ema_step"]) == (b["step"], b["epoch"], b["ema_step"])
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys() and len(state_a) == len(a["model"])  # every parameter's moments
+    for i in state_a:
+        assert state_a[i].keys() == state_b[i].keys()
+        assert all(torch.equal(state_a[i][k], state_b[i][k]) for k in state_a[i]), f"optimizer state {i}"
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["scaler"] == b["scaler"]
+    assert (a["step"], a["epoch"], a["batch"], a["ema_step"]) == (b["step"], b["epoch"], b["batch"], b["ema_step"])
+    assert a["losses"] == b["losses"]
     assert torch.equal(a["generator"], b["generator"])
 
 
@@ -91,14 +104,113 @@ def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, tmp_p
     deadline = time.time() + 120
     while not state.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    time.sleep(0.3)
+    time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished before the kill
     interrupted = torch.load(state, weights_only=True)  # whole, whenever the kill came
     torch.load(state.with_name("ckpt.pt"), weights_only=True)
-    assert 1 <= interrupted["step"] <= 9
+    assert 1 <= interrupted["step"] < 9
     run(script, *args, cwd=tmp_path)
     assert_same_training(final_state(tmp_path, script), final_state(uninterrupted[script], script))
+
+
+def test_resuming_with_other_machine_settings_continues_the_same_run(tmp_path, uninterrupted):
+    """Settings that change where and how often, not what is computed (the device named, the loss readouts, the
+    grid's sampler steps) may change on resume: the run ends with the uninterrupted run's weights, bit for bit."""
+    run("ddpm_conditional.py", "--epochs", "2", cwd=tmp_path)
+    second = run("ddpm_conditional.py", "--epochs", "3", "--device", "cpu", "--log_every", "2", "--sample_steps", "3",
+                 cwd=tmp_path)
+    assert "resuming" in second.stdout and "new stream" not in second.stdout
+    resumed, reference = final_state(tmp_path, "ddpm_conditional.py"), final_state(uninterrupted["ddpm_conditional.py"],
+                                                                                   "ddpm_conditional.py")
+    for part in ("model", "ema_model"):
+        assert all(torch.equal(resumed[part][k], reference[part][k]) for k in reference[part]), part
+    assert json.loads((tmp_path / "models" / "DDPM_conditional" / "config.json").read_text())["sample_steps"] == 3
+
+
+def test_a_run_saved_on_another_device_resumes_with_a_new_random_stream(tmp_path):
+    """A run trained on a GPU and resumed on the CPU (or the reverse): the GPU's generator state does not fit the
+    CPU's generator, so the random draws go on from a stream of (seed, step), said in one line."""
+    run("ddpm.py", "--epochs", "1", cwd=tmp_path)
+    path = tmp_path / "models" / "DDPM_unconditional" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["generator"], state["generator_device"] = torch.zeros(16, dtype=torch.uint8), "cuda"  # a CUDA Philox state
+    torch.save(state, path)
+    result = run("ddpm.py", "--epochs", "2", cwd=tmp_path)
+    assert "resuming on cpu a run saved on cuda: its random draws go on from a new stream (seed 0, step 3)" in result.stdout
+    resumed = final_state(tmp_path, "ddpm.py")
+    assert (resumed["step"], resumed["epoch"], resumed["generator_device"]) == (6, 2, "cpu")
+    assert all(torch.isfinite(v).all() for v in resumed["model"].values())
+
+
+def test_float16_with_a_loss_scaler_resumes_exactly(tmp_path):
+    """AMP in float16 (as on a T4, forced here on the CPU with --amp fp16) trains through a GradScaler, whose state is
+    saved in train_state.pt: stopped and resumed, the run ends as the uninterrupted one, scaler included."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    whole.mkdir()
+    parts.mkdir()
+    run("ddpm.py", "--epochs", "2", "--amp", "fp16", cwd=whole)
+    run("ddpm.py", "--epochs", "1", "--amp", "fp16", cwd=parts)
+    out = run("ddpm.py", "--epochs", "2", "--amp", "fp16", cwd=parts).stdout
+    assert "with float16 autocast" in out
+    reference = final_state(whole, "ddpm.py")
+    assert reference["scaler"]["scale"] > 0 and reference["scaler"]["growth_interval"] == 2000
+    assert_same_training(final_state(parts, "ddpm.py"), reference)
+
+
+class ConvModel(torch.nn.Module):
+    """A model of (x_t, t) that is not mirror-symmetric: one 3x3 convolution."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x, t):
+        return self.conv(x)
+
+
+def one_step(images, diffusion, flip=True, amp_dtype=None, scaler=None, model=None):
+    model = model or ConvModel()
+    config = argparse.Namespace(flip=flip, channels_last=False, cfg_drop=0.1, ema_start=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = train_step(model, ConvModel(), EMA(0.9), optimizer, diffusion, images, None, torch.Generator().manual_seed(0),
+                      config, amp_dtype, scaler=scaler)
+    return loss, model
+
+
+def test_training_flips_images_only_when_asked():
+    """FLIP False: the step's loss is Algorithm 1's on the images as they are (no flip drawn); True: some flipped.
+    None picks the dataset's: never for digits."""
+    assert default_flip("shapes") and default_flip("cifar10") and default_flip("path/to/faces")
+    assert not default_flip("mnist")
+    torch.manual_seed(1)
+    images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    diffusion = Diffusion(img_size=8, channels=1, device="cpu", prediction="x0")
+    g = torch.Generator().manual_seed(0)
+    x0 = images.float() / 127.5 - 1
+    t = diffusion.sample_timesteps(8, g)
+    x_t, _ = diffusion.noise_images(x0, t, torch.randn(x0.shape, generator=g))
+    with torch.no_grad():
+        expected = (ConvModel()(x_t, t) - x0).square().mean()
+    assert one_step(images, diffusion, flip=False)[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert one_step(images, diffusion, flip=True)[0].item() != pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_float16_gradients_that_overflow_skip_the_step():
+    """With float16 autocast the GradScaler scales the loss up; gradients that overflow to inf skip the optimizer
+    step (the weights stay as they were, never NaN) and halve the scale; a finite step updates the weights."""
+    images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    diffusion = Diffusion(img_size=8, channels=1, device="cpu")
+    before = ConvModel().conv.weight.detach().clone()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)
+    loss, model = one_step(images, diffusion, amp_dtype=torch.float16, scaler=scaler)
+    assert torch.isfinite(loss) and torch.equal(model.conv.weight, before)
+    assert scaler.get_scale() == 2.0 ** 59
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    _, model = one_step(images, diffusion, amp_dtype=torch.float16, scaler=scaler)
+    assert torch.isfinite(model.conv.weight).all() and not torch.equal(model.conv.weight, before)
+    assert scaler.get_scale() == 2.0 ** 8
 
 
 def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -118,6 +230,10 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--dataset", "no/such/folder"], "error: dataset folder 'no/such/folder' does not exist"),
     (["--num_classes", "4"], "error: labels outside num_classes: 'shapes' has 6 classes, but num_classes=4"),
     (["--epochs", "ten"], "error: --epochs ten: expected a value of type int (the default is 24)"),
+    (["--epochs", "2.5"], "error: --epochs 2.5: expected a value of type int (the default is 24)"),
+    (["--num_images", "abc"], "error: --num_images abc: expected a value of type int (the default is None)"),
+    (["--device", "gpu"], "error: device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
+    (["--amp", "fp8"], "error: amp='fp8': expected True (automatic), False, 'bf16' or 'fp16'"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     result = run("ddpm_conditional.py", *args, cwd=tmp_path, expect_ok=False)
