@@ -9,7 +9,8 @@ The run's settings (dataset, image size, model) come from config.json beside the
   2. FD: the Frechet distance between the classifier's penultimate-layer features of the samples and of real
      held-out images, computed exactly as FID is; beside it the FD between two halves of the real data (the floor);
   3. FID with Inception-v3 where its weights are already on this machine (they are never downloaded here).
-The classifier, a small CNN, is trained on the first call for a dataset and size, and cached beside the data.
+The classifier, a small CNN, is trained on the first call for a dataset and size, and cached beside the data. A
+dataset without a test split (a folder) lends a fifth of its images, held out from the classifier, as the real set.
 """
 import argparse
 import json
@@ -23,7 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddpm import make_diffusion, make_model
-from utils import UserError, autocast, bf16_supported, image_size, load_dataset, load_weights, pick_device
+from utils import (ImageTensors, UserError, amp_dtype, autocast, default_flip, image_size, in_memory, load_dataset,
+                   load_weights, pick_device)
+
+TF_FID_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # the file torchmetrics (torch-fidelity) loads for FID
 
 
 class Classifier(nn.Module):
@@ -49,34 +53,36 @@ class Classifier(nn.Module):
         return self.head(self.features(images))
 
 
-def classifier_path(dataset, data_dir, size, channels):
+def classifier_path(dataset, data_dir, size, channels, flip=True):
     """Beside the data: in data_dir for the named datasets, next to a CSV file or an image folder otherwise."""
-    tag = f"classifier_{size[0]}x{size[1]}_c{channels}.pt"
+    tag = f"classifier_{size[0]}x{size[1]}_c{channels}{'' if flip else '_noflip'}.pt"
     if dataset in ("shapes", "cifar10", "mnist", "fashion_mnist"):
         return Path(data_dir) / f"{dataset}_{tag}"
     return Path(str(dataset).rstrip("/\\") + "." + tag)
 
 
-def get_classifier(dataset, data_dir, size, channels, device, amp_dtype=None, epochs=4, max_steps=1000, seed=0):
-    """The cached classifier for (dataset, size, channels), trained now when there is none: `epochs` passes over the
-    data in batches of 128, at most max_steps (about 2 minutes on a 2-core CPU), under autocast to amp_dtype."""
-    path = classifier_path(dataset, data_dir, size, channels)
-    train = load_dataset(dataset, size, channels, "train", data_dir)
-    model = Classifier(channels, len(train.classes)).to(device)
+def get_classifier(train, path, device, amp_dtype=None, flip=True, epochs=4, max_steps=1000, seed=0):
+    """The classifier cached at `path`, trained now on the ImageTensors `train` when there is none: `epochs` passes
+    over the data in batches of 128, at least 200 and at most max_steps steps (about 2 minutes on a 2-core CPU),
+    under autocast to amp_dtype (bfloat16 or None: float16 would need a GradScaler), with random horizontal flips
+    if `flip`."""
+    model = Classifier(train.channels, len(train.classes)).to(device)
     if path.exists():
         return load_weights(model, path).eval()
-    print(f"training a classifier on {len(train)} real images of '{dataset}' (cached as {path})")
+    print(f"training a classifier on {len(train)} real images (cached as {path})")
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     images, labels = train.images.to(device), train.labels.to(device)
-    steps = min(epochs * (len(train) // 128), max_steps)
+    batch_size = min(128, len(train))
+    steps = min(max(epochs * (len(train) // batch_size), 200), max_steps)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     model.train()
     start = time.perf_counter()
     for step in range(steps):
-        batch = torch.randint(0, len(train), (128,), device=device)
+        batch = torch.randint(0, len(train), (batch_size,), device=device)
         x = images[batch]
-        x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
+        if flip:
+            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
         with autocast(device, amp_dtype):
             loss = F.cross_entropy(model(x).float(), labels[batch])
         optimizer.zero_grad(set_to_none=True)
@@ -94,13 +100,36 @@ def get_classifier(dataset, data_dir, size, channels, device, amp_dtype=None, ep
 
 @torch.no_grad()
 def classify(classifier, images, batch_size=500):
-    """(predicted classes, penultimate features) of uint8 images."""
+    """(predicted classes, penultimate features in float64) of uint8 images, on the CPU; the images go to the
+    classifier's device a batch at a time (float64 only on the CPU: MPS has none)."""
+    device = next(classifier.parameters()).device
     predictions, features = [], []
     for batch in images.split(batch_size):
-        f = classifier.features(batch)
-        features.append(f.double().cpu())
+        f = classifier.features(batch.to(device))
+        features.append(f.cpu().double())
         predictions.append(classifier.head(f).argmax(1).cpu())
     return torch.cat(predictions), torch.cat(features)
+
+
+def real_data(dataset, size, channels, data_dir, held_out_fraction=0.2, seed=0):
+    """(images to train the classifier on, real reference images, what the reference images are). The reference
+    images are the test split; a dataset without one (a folder of images) holds out a fraction of each class of its
+    training images from the classifier instead."""
+    train = in_memory(load_dataset(dataset, size, channels, "train", data_dir))
+    try:
+        return train, in_memory(load_dataset(dataset, size, channels, "test", data_dir)), "held-out test images"
+    except UserError:
+        pass
+    g = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(train), dtype=torch.bool)
+    for c in train.labels.unique():
+        idx = (train.labels == c).nonzero().squeeze(1)
+        held[idx[torch.randperm(len(idx), generator=g)[:round(held_out_fraction * len(idx))]]] = True
+    if held.all() or not held.any():
+        raise UserError(f"'{dataset}' has {len(train)} images: too few to hold some out from the classifier")
+    part = (lambda keep: ImageTensors(train.images[keep], train.labels[keep], train.classes))
+    return part(~held), part(held), (f"training images held out from the classifier ({held_out_fraction:.0%} of each "
+                                     f"class; '{dataset}' has no test split)")
 
 
 def frechet_distance(a, b):
@@ -115,53 +144,79 @@ def frechet_distance(a, b):
     return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt).item()
 
 
-def inception_fid_extractor(device):
-    """A function from uint8 images to 2048-d Inception-v3 pool features, or (None, why) when no weights are here.
-    Standard FID uses the TF-FID weights that torchmetrics / torch-fidelity ship; torchvision's ImageNet weights give
-    an FID comparable only with itself. Nothing is downloaded."""
-    try:
-        from torchmetrics.image.fid import NoTrainInceptionV3  # the standard FID network, if its weights are cached
-        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device).eval()
-        return (lambda images: net(images.to(device))[0].double().cpu()), "standard (torchmetrics' TF-FID weights)"
-    except Exception:
-        pass
+def inception_network(device):
+    """(network, what it is), or (None, why not). The network maps uint8 images (N, 3, H, W) to (N, 2048) Inception-v3
+    pool features. Standard FID uses the TF-FID weights that torchmetrics (torch-fidelity) loads; torchvision's
+    ImageNet weights give an FID comparable only with itself. Only weights already on this machine are used: nothing
+    is downloaded."""
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    if (checkpoints / TF_FID_WEIGHTS).exists():  # else torchmetrics would download them
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        except ImportError:
+            pass
+        else:
+            net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+            return net.to(device).eval(), "standard (torchmetrics' TF-FID weights)"
     import torchvision
     weights = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    path = checkpoints / Path(weights.url).name
     if not path.exists():
-        return None, f"no Inception-v3 weights on this machine (torchmetrics not installed, no {path})"
-    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+        return None, f"no Inception-v3 weights on this machine (no {checkpoints / TF_FID_WEIGHTS} with torchmetrics, no {path})"
+    # transform_input=True, as torchvision's own builder sets for these weights: they expect ImageNet-normalised input
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     net.fc = nn.Identity()
-    net = net.to(device).eval()
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device)[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225], device=device)[:, None, None]
+    return ImageNetInput(net).to(device).eval(), "torchvision's ImageNet Inception-v3 (comparable only with itself)"
 
-    def extract(images):
-        x = images.to(device).float() / 255
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", antialias=True, align_corners=False)
-        return net((x - mean) / std).double().cpu()
 
-    return extract, "torchvision's ImageNet Inception-v3 (comparable only with itself, not with published FIDs)"
+class ImageNetInput(nn.Module):
+    """uint8 images -> 299x299, ImageNet-normalised -> a torchvision ImageNet network."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406])[:, None, None])
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225])[:, None, None])
+
+    def forward(self, images):
+        x = F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", antialias=True, align_corners=False)
+        return self.net((x - self.mean) / self.std)
 
 
 @torch.no_grad()
-def features_in_batches(extract, images, batch_size=100):
-    return torch.cat([extract(batch) for batch in images.split(batch_size)])
+def inception_features(net, images, batch_size=100):
+    """(N, 2048) float64 features on the CPU of uint8 images (grayscale repeated to RGB), a batch at a time on the
+    network's device."""
+    device = next(net.parameters()).device
+    features = []
+    for batch in images.split(batch_size):
+        batch = batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
+        features.append(net(batch.to(device)).reshape(len(batch), -1).cpu().double())
+    return torch.cat(features)
 
 
-def balanced_halves(labels, per_class, seed=0):
-    """Two disjoint index sets with `per_class` images of each class (fewer where a class has fewer than 2x)."""
+def reference_halves(labels, counts, seed=0):
+    """Two disjoint index sets holding counts[c] images of each class c (fewer where a class has fewer than 2x)."""
     g = torch.Generator().manual_seed(seed)
     a, b = [], []
-    for c in labels.unique():
+    for c in labels.unique().tolist():
         idx = (labels == c).nonzero().squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=g)]
-        k = min(per_class, len(idx) // 2)
+        k = min(int(counts[c]), len(idx) // 2)
         a.append(idx[:k])
         b.append(idx[k:2 * k])
     return torch.cat(a), torch.cat(b)
+
+
+def reference_counts(train_labels, num_classes, n_per_class, conditional):
+    """How many real images of each class the reference sets hold, and so how many samples of each class are drawn:
+    n_per_class of every class for a conditional model; for an unconditional one, as many in all, in the training
+    data's class mix (the mix the model learned)."""
+    if conditional:
+        return torch.full((num_classes,), n_per_class)
+    mix = torch.bincount(train_labels, minlength=num_classes).double() / len(train_labels)
+    return (mix * n_per_class * num_classes).round().long()
 
 
 def load_run(ckpt, device):
@@ -239,33 +294,33 @@ def main(argv=None):
 
 def evaluate(args):
     device = pick_device(args.device)
-    amp_dtype = torch.bfloat16 if bf16_supported(device) else None
+    amp = amp_dtype(device)
     config, model, diffusion = load_run(args.ckpt, device)
     dataset, data_dir = args.dataset or config.dataset, args.data_dir or config.data_dir
     size, channels = image_size(config.img_size), config.channels
     conditional = bool(getattr(config, "num_classes", None))
-    classifier = get_classifier(dataset, data_dir, size, channels, device, amp_dtype)
+    train, real, held_out = real_data(dataset, size, channels, data_dir)
+    flip = default_flip(dataset)
+    classifier = get_classifier(train, classifier_path(dataset, data_dir, size, channels, flip), device,
+                                amp if amp == torch.bfloat16 else None, flip)
 
-    try:
-        real = load_dataset(dataset, size, channels, "test", data_dir)
-        held_out = "held-out test images"
-    except UserError:
-        real = load_dataset(dataset, size, channels, "train", data_dir)  # a folder has no test split
-        held_out = "training images (the dataset has no test split)"
     num_classes = len(real.classes)
-    a, b = balanced_halves(real.labels, args.n_per_class, args.seed)  # two real sets shaped like the samples
-    real_a, real_b = real[a], real[b]  # (images, labels), either kind of dataset
+    counts = reference_counts(train.labels, num_classes, args.n_per_class, conditional)
+    a, b = reference_halves(real.labels, counts, args.seed)  # two real sets shaped like the samples
+    real_a, real_b = real[a], real[b]  # (images, labels)
     predictions, real_features = classify(classifier, torch.cat([real_a[0], real_b[0]]))
-    real_features_a, real_features_b = real_features[:len(real_a[0])], real_features[len(real_a[0]):]
+    real_features_a, real_features_b = real_features[:len(a)], real_features[len(a):]
     floor = frechet_distance(real_features_b, real_features_a)
-    report = {"checkpoint": str(args.ckpt), "dataset": dataset, "n_samples": args.n_per_class * num_classes,
+    report = {"checkpoint": str(args.ckpt), "dataset": dataset, "n_samples": len(a),
+              "class_counts": torch.bincount(real_a[1], minlength=num_classes).tolist(),
               "real_reference": f"{len(a)} {held_out}",
               "classifier_accuracy_real": (predictions == torch.cat([real_a[1], real_b[1]])).float().mean().item()}
     print(f"classifier accuracy on {len(predictions)} real {held_out}: {report['classifier_accuracy_real']:.3f}")
     print(f"FD floor (between two sets of {len(a)} real images): {floor:.2f}")
 
-    labels = torch.arange(num_classes).repeat_interleave(args.n_per_class).to(device) if conditional else None
-    n = args.n_per_class * num_classes
+    # the samples have the reference set's classes, in the same numbers (a class with few real images has few)
+    labels = real_a[1].to(device) if conditional else None
+    n = len(a)
 
     done = {}
 
@@ -274,7 +329,7 @@ def evaluate(args):
             return done[cfg_scale, steps]
         start = time.perf_counter()
         samples = generate(diffusion, model, labels, n, cfg_scale, None if steps >= config.noise_steps else steps,
-                           amp_dtype, args.seed)
+                           amp, args.seed)
         result = measure(samples, labels, classifier, real_features_a, floor, conditional)
         result.update(cfg_scale=cfg_scale, steps=steps, seconds=round(time.perf_counter() - start, 1))
         done[cfg_scale, steps] = result, samples
@@ -287,12 +342,12 @@ def evaluate(args):
         line += f", conditional accuracy {main_result['accuracy']:.3f}"
     print(line)
 
-    extract, how = inception_fid_extractor(device)
-    if extract is None:
+    inception, how = inception_network(device)
+    if inception is None:
         print(f"FID: skipped, {how}")
         report["fid"] = None
     else:
-        report["fid"] = frechet_distance(features_in_batches(extract, samples), features_in_batches(extract, real_a[0]))
+        report["fid"] = frechet_distance(inception_features(inception, samples), inception_features(inception, real_a[0]))
         report["fid_network"] = how
         print(f"FID ({how}): {report['fid']:.2f}")
 

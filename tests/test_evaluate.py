@@ -1,13 +1,18 @@
 """evaluate.py: the Frechet distance against closed forms, the real-data halves, and a whole evaluation of a tiny run."""
 import json
+import os
+import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from evaluate import balanced_halves, frechet_distance
+import evaluate
+from evaluate import frechet_distance, inception_features, inception_network, reference_counts, reference_halves
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,13 +33,100 @@ def test_frechet_distance_closed_forms():
     assert frechet_distance(x, y) == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_balanced_halves_are_disjoint_and_balanced():
+def test_reference_halves_are_disjoint_and_follow_the_class_counts():
     labels = torch.arange(100) % 4
-    a, b = balanced_halves(labels, per_class=10)
+    a, b = reference_halves(labels, torch.full((4,), 10))
     assert len(set(a.tolist()) & set(b.tolist())) == 0
     assert torch.bincount(labels[a]).tolist() == [10] * 4 and torch.bincount(labels[b]).tolist() == [10] * 4
-    a, b = balanced_halves(labels, per_class=100)  # a class with too few images gives what it has, split in two
+    a, b = reference_halves(labels, torch.full((4,), 100))  # a class with too few images gives what it has, split in two
     assert len(a) == len(b) == 48
+    rare = torch.cat([torch.zeros(60), torch.ones(6)]).long()  # like FER-2013's "disgust"
+    a, b = reference_halves(rare, torch.tensor([20, 20]))
+    assert torch.bincount(rare[a]).tolist() == torch.bincount(rare[b]).tolist() == [20, 3]
+
+
+def test_reference_counts_balanced_when_conditional_else_in_the_training_mix():
+    train_labels = torch.tensor([0] * 70 + [1] * 20 + [2] * 10)
+    assert reference_counts(train_labels, 3, 50, conditional=True).tolist() == [50, 50, 50]
+    assert reference_counts(train_labels, 3, 50, conditional=False).tolist() == [105, 30, 15]
+
+
+class StandInInception(torch.nn.Module):
+    """The interface of torchmetrics' NoTrainInceptionV3 and of evaluate.ImageNetInput: uint8 images (N, 3, H, W)
+    -> (N, 2048) features."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.projection = torch.nn.Linear(3, 2048)
+
+    def forward(self, images):
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        return self.projection(images.float().mean(dim=(2, 3)) / 255)
+
+
+def test_inception_features_keep_every_image_and_give_rgb_to_the_network():
+    net = StandInInception()
+    torch.manual_seed(1)
+    gray_a = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8)
+    gray_b = torch.randint(0, 200, (25, 1, 8, 8), dtype=torch.uint8)
+    features_a, features_b = inception_features(net, gray_a, batch_size=7), inception_features(net, gray_b, batch_size=7)
+    assert features_a.shape == (30, 2048) and features_a.dtype == torch.float64
+    with torch.no_grad():
+        direct_a, direct_b = (net(x.expand(-1, 3, -1, -1)).double() for x in (gray_a, gray_b))
+    assert torch.allclose(features_a, direct_a, rtol=1e-6, atol=1e-6)  # float32 rounding of other batch sizes
+    assert frechet_distance(features_a, features_b) == pytest.approx(frechet_distance(direct_a, direct_b), rel=1e-5)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_inception_weights_are_only_used_when_already_here(tmp_path, monkeypatch, no_network):
+    """torchmetrics' network downloads its weights when it is built without them: it is built only when its weights
+    file is already in torch's cache; else FID is skipped with the reason, and nothing is fetched."""
+    built = []
+
+    class NoTrainInceptionV3(StandInInception):  # stands in for torchmetrics' class: records that it was built
+        def __init__(self, name, features_list):
+            super().__init__()
+            built.append((name, features_list))
+
+    fid_module = types.ModuleType("torchmetrics.image.fid")
+    fid_module.NoTrainInceptionV3 = NoTrainInceptionV3
+    for name in ("torchmetrics", "torchmetrics.image"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", fid_module)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    net, why = inception_network("cpu")
+    assert net is None and why.startswith("no Inception-v3 weights on this machine") and built == []
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / evaluate.TF_FID_WEIGHTS).touch()
+    net, why = inception_network("cpu")
+    assert isinstance(net, NoTrainInceptionV3) and why.startswith("standard")
+    assert built == [("inception-v3-compat", ["2048"])]
+
+
+def test_torchvision_inception_gets_the_input_transform_of_its_weights(tmp_path, monkeypatch, no_network):
+    """torchvision's builder sets transform_input=True for its ImageNet Inception weights (trained on inputs in
+    [-1, 1]): loaded by hand, the network must set it too, and it gives 2048 features per image."""
+    import torchvision
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # not installed
+    weights = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(),
+               checkpoints / Path(weights.url).name)
+    net, why = inception_network("cpu")
+    assert why.startswith("torchvision's") and net.net.transform_input is True
+    features = inception_features(net, torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8))
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
 
 
 def test_evaluate_a_tiny_conditional_run(tmp_path):
@@ -47,7 +139,6 @@ def test_evaluate_a_tiny_conditional_run(tmp_path):
     env_home = {"TORCH_HOME": str(tmp_path / "torch_home")}  # an empty cache: no Inception weights
     command = [sys.executable, str(REPO / "evaluate.py"), "--ckpt", "models/DDPM_conditional/ema_ckpt.pt",
                "--n_per_class", "4", "--steps", "3", "--json", "out.json"]
-    import os
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, **env_home})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -57,3 +148,28 @@ def test_evaluate_a_tiny_conditional_run(tmp_path):
     assert report["main"]["fd"] > 0 and report["main"]["fd_floor"] > 0 and report["fid"] is None
     assert report["classifier_accuracy_real"] > 0.9  # the built-in shapes are easy to tell apart
     assert list((tmp_path / "data").glob("shapes_classifier_16x16_c3.pt"))
+
+
+def test_evaluate_a_run_on_an_image_folder_with_a_rare_class(tmp_path):
+    """A folder has no test split: a fifth of each class is held out from the classifier as the real set, and said
+    so; the samples follow the real set's class counts, a rare class included."""
+    from utils import draw_shapes
+    shapes = draw_shapes(240, (16, 16))  # 40 of each shape
+    for name, label, count in (("circles", 0, 40), ("squares", 1, 10)):
+        folder = tmp_path / "faces" / name
+        folder.mkdir(parents=True)
+        for i, image in enumerate(shapes.images[shapes.labels == label][:count]):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    tiny = ["--dataset", "faces", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
+            "--epochs", "1", "--amp", "False", "--num_workers", "0"]
+    subprocess.run([sys.executable, str(REPO / "ddpm_conditional.py"), *tiny], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=300)
+    command = [sys.executable, str(REPO / "evaluate.py"), "--ckpt", "models/DDPM_conditional/ema_ckpt.pt",
+               "--n_per_class", "4", "--steps", "2", "--json", "out.json"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training a classifier on 40 real images" in result.stdout  # 32 circles + 8 squares; 8 + 2 held out
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["real_reference"].startswith("5 training images held out from the classifier (20% of each class")
+    assert report["n_samples"] == 5 and report["class_counts"] == [4, 1]
