@@ -9,9 +9,11 @@ Measured in one process, warm-up excluded, device-synchronised, the median of se
     the FLOP/s of a large matrix product in the same dtype, measured here and now;
   - sampling images/s: DDIM 50 steps with classifier-free guidance (one batched pass per step), and the ancestral
     1000-step sampler, both as the scripts sample; and the tutorial's way, ancestral with two separate forward
-    passes per step in fp32 (the sampler costs the same per step whatever T is, so the 1000-step figures come from
-    a few steps);
-  - peak memory (the GPU's allocator; on a CPU the process's peak resident size).
+    passes per step in fp32. A sampler step costs the same whatever the number of steps, so each figure comes from
+    timing a few steps: the whole benchmark takes a minute or two even on a slow CPU;
+  - peak memory of training and sampling (the GPU's allocator; on a CPU the process's peak resident size).
+In fp32 on CUDA, matrix products and convolutions alike use TF32 (convolutions do by default in PyTorch), so the
+utilisation compares like with like.
 """
 import argparse
 import copy
@@ -27,7 +29,7 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_f
 
 from ddpm import Diffusion, make_diffusion, make_model, make_optimizer, train_step
 from modules import EMA
-from utils import UserError, autocast, bf16_supported, pick_device
+from utils import UserError, amp_dtype, autocast, bf16_supported, pick_device
 
 
 def count_cpu_attention_flops():
@@ -55,12 +57,13 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-def timed(fn, device, repeats, warmup=2):
-    """Median seconds of `repeats` calls of fn, after `warmup` untimed ones."""
+def timed(fn, device, repeats, warmup=2, budget_s=float("inf")):
+    """Median seconds of `repeats` calls of fn, after `warmup` untimed ones; fewer (at least one) once the timed
+    calls have taken budget_s seconds."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats and (not times or sum(times) < budget_s):
         synchronize(device)
         start = time.perf_counter()
         fn()
@@ -102,12 +105,12 @@ def main(argv=None):
     parser.add_argument("--num_classes", type=int, default=10)
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"),
-                        help="bf16: autocast, as the scripts' AMP (default where the device runs it natively)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                        help="bf16 / fp16: autocast (fp16 with a GradScaler); default: what the scripts' AMP picks")
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (the median is reported)")
-    parser.add_argument("--sample_repeats", type=int, default=3)
+    parser.add_argument("--sample_repeats", type=int, default=3, help="timed repeats of each sampler (fewer after 8 s)")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
     try:
@@ -122,11 +125,15 @@ def main(argv=None):
 
 def benchmark(args):
     device = pick_device(args.device)
-    args.dtype = args.dtype or ("bf16" if bf16_supported(device) else "fp32")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    args.dtype = args.dtype or next(k for k, v in dtypes.items() if v == amp_dtype(device))  # as the scripts' AMP
     if args.dtype == "bf16" and not bf16_supported(device):
-        raise UserError(f"{device} has no native bf16 here: use --dtype fp32")
-    amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
-    dtype = torch.bfloat16 if amp_dtype else torch.float32
+        raise UserError(f"{device} has no native bf16 here: use --dtype fp32 (or fp16 on a CUDA GPU)")
+    amp = dtypes[args.dtype]
+    dtype = amp or torch.float32
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    if device.type == "cuda":  # one precision for the model's products and the matmul peak
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.img_size % 8:
         raise UserError(f"img_size={args.img_size}: must be divisible by 8")
     attention = tuple(int(a) for a in args.attention.split(",") if a)
@@ -134,7 +141,7 @@ def benchmark(args):
         channels=args.channels, num_classes=args.num_classes if args.conditional else None, width=args.width,
         attention=attention, img_size=args.img_size, noise_steps=1000, beta_start=1e-4, beta_end=0.02,
         schedule="linear", prediction="eps", loss_weighting="none", min_snr_gamma=5.0, cfg_drop=0.1,
-        ema_start=0, channels_last=args.channels_last)
+        ema_start=0, channels_last=args.channels_last, flip=True)
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     model = make_model(config).to(device, memory_format=memory_format)
@@ -151,25 +158,25 @@ def benchmark(args):
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
-        train_step(train_model, ema_model, ema, optimizer, diffusion, images, labels, generator, config, amp_dtype)
+        train_step(train_model, ema_model, ema, optimizer, diffusion, images, labels, generator, config, amp,
+                   scaler=scaler)
 
     with FlopCounterMode(display=False) as flops:  # forward and backward of one step (matmuls, convolutions, attention)
         step()
     gflop_per_image = flops.get_total_flops() / n / 1e9
-    train_seconds = timed(step, device, args.steps, warmup=3)
+    train_seconds = timed(step, device, args.steps, warmup=2)
     train_images_per_s = n / train_seconds
 
     sample_labels = labels
-
-    def ddim50():
-        with autocast(device, amp_dtype):
-            diffusion.sample(ema_model, n, sample_labels, cfg_scale=3, steps=50, progress=False)
-
-    few = 10  # the ancestral samplers from `few` steps: the cost of a step does not depend on T
+    few = 3  # sampler steps timed: a step costs the same whatever the number of steps
     short = Diffusion(few, img_size=args.img_size, device=device, channels=args.channels)
 
+    def ddim_few():
+        with autocast(device, amp):
+            diffusion.sample(ema_model, n, sample_labels, cfg_scale=3, steps=few, progress=False)
+
     def ancestral_few():
-        with autocast(device, amp_dtype):
+        with autocast(device, amp):
             short.sample(ema_model, n, sample_labels, cfg_scale=3, steps=None, progress=False)
 
     def tutorial_few():
@@ -179,19 +186,20 @@ def benchmark(args):
                 t = torch.full((n,), step_index, device=device, dtype=torch.long)
                 x = tutorial_ancestral_step(short, ema_model, x, t, sample_labels, 3, step_index)
 
-    ddim_seconds = timed(ddim50, device, args.sample_repeats, warmup=1)
-    ancestral_seconds = timed(ancestral_few, device, args.sample_repeats, warmup=1) * 1000 / few
+    def seconds_per_step(sampler):
+        return timed(sampler, device, args.sample_repeats, warmup=1, budget_s=8) / few
+
     report = {
         "device": describe(device), "dtype": args.dtype, "img_size": args.img_size, "batch_size": n,
         "params": sum(p.numel() for p in model.parameters()),
         "train": {"images_per_s": train_images_per_s, "gflop_per_image": gflop_per_image},
-        "sample": {"ddim50_cfg_images_per_s": n / ddim_seconds, "ancestral_images_per_s": n / ancestral_seconds},
-        "matmul_tflops": matmul_tflops(device, dtype),
-        "peak_memory_mb": peak_memory_mb(device),
+        "sample": {"ddim50_cfg_images_per_s": n / (50 * seconds_per_step(ddim_few)),
+                   "ancestral_images_per_s": n / (1000 * seconds_per_step(ancestral_few))},
     }
     if args.conditional:
-        tutorial_seconds = timed(tutorial_few, device, args.sample_repeats, warmup=1) * 1000 / few
-        report["sample"]["tutorial_ancestral_fp32_images_per_s"] = n / tutorial_seconds
+        report["sample"]["tutorial_ancestral_fp32_images_per_s"] = n / (1000 * seconds_per_step(tutorial_few))
+    report["peak_memory_mb"] = peak_memory_mb(device)  # before the matmul test allocates its matrices
+    report["matmul_tflops"] = matmul_tflops(device, dtype)
     report["train"]["utilisation"] = gflop_per_image * train_images_per_s / 1000 / report["matmul_tflops"]
     report["options"] = {"width": args.width, "attention": list(attention), "conditional": args.conditional,
                          "channels_last": args.channels_last, "compile": args.compile}
@@ -209,8 +217,9 @@ def describe(device):
 
 def print_table(r):
     train, sample = r["train"], r["sample"]
+    tf32 = " (TF32 matmul and convolutions)" if r["dtype"] == "fp32" and not r["device"].startswith("cpu") else ""
     rows = [
-        ("device", r["device"]), ("dtype", r["dtype"]), ("image size, batch", f"{r['img_size']}, {r['batch_size']}"),
+        ("device", r["device"]), ("dtype", r["dtype"] + tf32), ("image size, batch", f"{r['img_size']}, {r['batch_size']}"),
         ("parameters", f"{r['params']:,}"),
         ("train images/s", f"{train['images_per_s']:.1f}"), ("train GFLOP/image", f"{train['gflop_per_image']:.2f}"),
         ("matmul TFLOP/s", f"{r['matmul_tflops']:.2f}"), ("utilisation", f"{train['utilisation']:.2f}"),
