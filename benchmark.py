@@ -4,7 +4,7 @@
     python benchmark.py --img_size 64 --batch_size 128 --compile --json out.json
 
 Measured in one process, warm-up excluded, device-synchronised, the median of several timed repeats:
-  - training images/s: the very step the training scripts run (ddpm.train_step: forward, backward, AdamW, EMA);
+  - training images/s: the very step the training scripts run (their train_step: forward, backward, AdamW, EMA);
   - the model's FLOPs per training image (torch.utils.flop_counter), and utilisation: the FLOP/s achieved divided by
     the FLOP/s of a large matrix product in the same dtype, measured here and now;
   - sampling images/s: DDIM 50 steps with classifier-free guidance (one batched pass per step), and the ancestral
@@ -27,8 +27,11 @@ import torch
 from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count,
                                       sdpa_flop_count)
 
-from ddpm import Diffusion, make_diffusion, make_model, make_optimizer, train_step
+import ddpm
+import ddpm_conditional
+from ddpm import Diffusion
 from modules import EMA
+from training import make_diffusion, make_model, make_optimizer
 from utils import UserError, amp_dtype, autocast, bf16_supported, pick_device
 
 
@@ -158,8 +161,12 @@ def benchmark(args):
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
-        train_step(train_model, ema_model, ema, optimizer, diffusion, images, labels, generator, config, amp,
-                   scaler=scaler)
+        if args.conditional:
+            ddpm_conditional.train_step(train_model, ema_model, ema, optimizer, diffusion, images, labels, generator,
+                                        config, amp, scaler=scaler)
+        else:
+            ddpm.train_step(train_model, ema_model, ema, optimizer, diffusion, images, generator, config, amp,
+                            scaler=scaler)
 
     with FlopCounterMode(display=False) as flops:  # forward and backward of one step (matmuls, convolutions, attention)
         step()
@@ -219,7 +226,8 @@ def print_table(r):
     train, sample = r["train"], r["sample"]
     tf32 = " (TF32 matmul and convolutions)" if r["dtype"] == "fp32" and not r["device"].startswith("cpu") else ""
     rows = [
-        ("device", r["device"]), ("dtype", r["dtype"] + tf32), ("image size, batch", f"{r['img_size']}, {r['batch_size']}"),
+        ("device", r["device"]), ("dtype", r["dtype"] + tf32),
+        ("image size, batch", f"{r['img_size']}, {r['batch_size']}"),
         ("parameters", f"{r['params']:,}"),
         ("train images/s", f"{train['images_per_s']:.1f}"), ("train GFLOP/image", f"{train['gflop_per_image']:.2f}"),
         ("matmul TFLOP/s", f"{r['matmul_tflops']:.2f}"), ("utilisation", f"{train['utilisation']:.2f}"),
@@ -229,7 +237,8 @@ def print_table(r):
     if "tutorial_ancestral_fp32_images_per_s" in sample:
         tutorial = sample["tutorial_ancestral_fp32_images_per_s"]
         rows.append(("sample images/s, tutorial's ancestral (fp32, 2 passes)", f"{tutorial:.3f}"))
-        rows.append(("DDIM-50 + CFG speed-up over the tutorial's", f"{sample['ddim50_cfg_images_per_s'] / tutorial:.0f}x"))
+        speed_up = sample["ddim50_cfg_images_per_s"] / tutorial
+        rows.append(("DDIM-50 + CFG speed-up over the tutorial's", f"{speed_up:.0f}x"))
     rows.append(("peak memory MB", f"{r['peak_memory_mb']:.0f}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

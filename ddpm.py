@@ -3,28 +3,21 @@
     python ddpm.py                                   # the built-in "shapes" data, no download
     python ddpm.py --dataset cifar10 --img_size 64   # every UPPERCASE constant below is an option
 
-Checkpoints go to models/<RUN_NAME>/, sample grids and the loss curve to results/<RUN_NAME>/. Running the same
-command again resumes where it stopped. ddpm_conditional.py trains with class labels through this same loop.
-`torchrun --nproc_per_node=N ddpm.py ...` trains on N processes (GPUs) with DistributedDataParallel.
+Below the constants: Diffusion (the forward process, Algorithm 2 and DDIM sampling, classifier-free guidance), then
+the training step (Algorithm 1) and the sample grid. Checkpoints go to models/<RUN_NAME>/, sample grids and the loss
+curve to results/<RUN_NAME>/; running the same command again resumes (the loop, checkpoints and torchrun are in
+training.py). `torchrun --nproc_per_node=N ddpm.py ...` trains on N processes (GPUs) with DistributedDataParallel.
 """
-import argparse
-import copy
-import json
 import math
-import os
-import sys
-import time
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from modules import EMA, UNet, UNet_conditional
-from utils import (UserError, amp_dtype, autocast, default_flip, get_data, image_size, load_dataset, load_weights,
-                   parse_config, pick_device, read_checkpoint, replace_atomically, save_checkpoint, save_images,
-                   save_loss_plot, setup_logging)
+from modules import UNet
+from training import load_run, run_script, share
+from utils import UserError, autocast, image_size, pick_device, plot_images
+
+__all__ = ["Diffusion", "UNet", "load_run", "plot_images", "sample_grid", "train_step"]  # from ddpm import *
 
 # --- data ---
 RUN_NAME = "DDPM_unconditional"  # files go to models/<RUN_NAME>/ and results/<RUN_NAME>/
@@ -116,6 +109,12 @@ class Diffusion:
         clipped = snr.clamp(max=self.min_snr_gamma)
         return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
 
+    def loss(self, predicted, x0, noise, t):
+        """Algorithm 1, line 5, for every prediction type: the mean of loss_weight(t) * || target - predicted ||^2,
+        the target being training_target (the tutorial's: || eps - eps_theta(x_t, t) ||^2, weight 1)."""
+        squared_error = (predicted.float() - self.training_target(x0, noise, t)).square().mean(dim=(1, 2, 3))
+        return (self.loss_weight(t) * squared_error).mean()
+
     def predicted_x0(self, output, x, alpha_hat):
         """The x_0 that the network's output implies at noise level alpha_hat (a float), from x = x_t."""
         if self.prediction == "eps":
@@ -157,9 +156,10 @@ class Diffusion:
             # sqrt(alpha_hat) ~ 0.006 at high noise, and a young model's small eps errors would throw it far out.
             x0 = self.predicted_x0(output, x, alpha_hat).clamp(-1, 1)
             if ancestral:  # Algorithm 2, line 4, as the posterior mean of eq. 7 (the same when x_0 is not clipped)
-                x = (math.sqrt(alpha_hat_next) * beta * x0 + math.sqrt(1 - beta) * (1 - alpha_hat_next) * x) / (1 - alpha_hat)
-                if step > 0:
-                    x = x + math.sqrt(beta) * torch.randn(x.shape, device=x.device, generator=generator)  # sigma_t^2 = beta_t
+                x = (math.sqrt(alpha_hat_next) * beta * x0
+                     + math.sqrt(1 - beta) * (1 - alpha_hat_next) * x) / (1 - alpha_hat)
+                if step > 0:  # sigma_t^2 = beta_t
+                    x = x + math.sqrt(beta) * torch.randn(x.shape, device=x.device, generator=generator)
             else:  # DDIM with eta = 0 (Song et al. 2021, eq. 12), with the eps that matches the clipped x_0
                 eps = (x - math.sqrt(alpha_hat) * x0) / math.sqrt(1 - alpha_hat)
                 x = math.sqrt(alpha_hat_next) * x0 + math.sqrt(1 - alpha_hat_next) * eps
@@ -167,8 +167,8 @@ class Diffusion:
         return x
 
     def ddim_timesteps(self, steps):
-        """`steps` distinct timesteps from T-1 down to 0, spaced quadratically: dense at low noise, where the first-order
-        DDIM step loses most (Song et al. 2021, appendix D.2, as for their CIFAR-10 model)."""
+        """`steps` distinct timesteps from T-1 down to 0, spaced quadratically: dense at low noise, where the
+        first-order DDIM step loses most (Song et al. 2021, appendix D.2, as for their CIFAR-10 model)."""
         t = [int((self.noise_steps - 1) * f * f) for f in torch.linspace(1, 0, steps).tolist()]
         for k in range(steps - 2, -1, -1):
             t[k] = max(t[k], t[k + 1] + 1)  # rounding down repeats small timesteps: keep every step distinct
@@ -204,92 +204,27 @@ class Diffusion:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training (Algorithm 1), shared with ddpm_conditional.py
+# Training (Algorithm 1) and the sample grid; train() in training.py runs them over the data
 # ---------------------------------------------------------------------------------------------------------------
 
-# Options that may change when a run resumes; any other difference means a different run.
-RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "log_every", "device", "amp", "channels_last",
-                     "compile", "num_workers", "data_dir", "cfg_scale"}
-
-
-def make_model(config):
-    """The UNet a configuration describes (conditional when it has num_classes)."""
-    if getattr(config, "num_classes", None):
-        return UNet_conditional(config.channels, config.channels, num_classes=config.num_classes,
-                                width=config.width, attention=config.attention)
-    return UNet(config.channels, config.channels, width=config.width, attention=config.attention)
-
-
-def make_diffusion(config, device):
-    return Diffusion(config.noise_steps, config.beta_start, config.beta_end, config.img_size, device,
-                     config.channels, config.schedule, config.prediction, config.loss_weighting, config.min_snr_gamma)
-
-
-def make_optimizer(model, lr, device):
-    """AdamW as one fused kernel where torch has one (CUDA, CPU), else as foreach (one call per operation)."""
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, foreach=not fused)
-
-
-def check_config(c):
-    size = image_size(c.img_size)
-    if len(size) != 2 or not all(type(s) is int and s > 0 and s % 8 == 0 for s in size):
-        raise UserError(f"img_size={c.img_size}: height and width must be positive and divisible by 8 "
-                        f"(the UNet halves them 3 times), e.g. 32, 64 or (64, 128)")
-    if c.width < 4 or c.width % 4:
-        raise UserError(f"width={c.width}: must be a positive multiple of 4")
-    if not set(c.attention) <= {1, 2, 4, 8}:
-        raise UserError(f"attention={c.attention}: factors must be among 1, 2, 4, 8")
-    for name in ("epochs", "batch_size", "noise_steps", "sample_steps", "log_every"):
-        if getattr(c, name) < 1:
-            raise UserError(f"{name}={getattr(c, name)}: must be at least 1")
-    if not 0 <= getattr(c, "cfg_drop", 0) < 1:
-        raise UserError(f"cfg_drop={c.cfg_drop}: must be in [0, 1)")
-    if c.channels not in (None, 1, 3):
-        raise UserError(f"channels={c.channels}: expected 1, 3 or None (the dataset's)")
-
-
-def drop_labels(labels, p, generator=None, shard=(0, 1)):
-    """Classifier-free guidance training: each sample's label becomes the null condition with probability p,
-    independently (Ho & Salimans 2022, Algorithm 1). Null: -1 for class indices, all zeros for multi-hot.
-    shard: (rank, world_size), see train_step."""
-    drop = share(lambda m: torch.rand(m, device=labels.device, generator=generator), len(labels), shard) < p
-    if labels.is_floating_point():
-        return labels * ~drop[:, None]
-    return torch.where(drop, -1, labels)
-
-
-def share(draw, n, shard):
-    """This process's n of the random numbers draw(n * world_size) made for the whole global batch: under torchrun
-    every process draws the same numbers (same generator state) and keeps its own slice, so N processes compute
-    what one process would with the global batch."""
-    rank, world_size = shard
-    return draw(n * world_size)[rank * n:(rank + 1) * n]
-
-
-def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, generator, config, amp_dtype,
-               shard=(0, 1), scaler=None):
-    """One optimizer step of Algorithm 1 on a batch of uint8 images (the target and the weight of the squared error
-    follow diffusion.prediction and diffusion.loss_weighting); returns the loss as a tensor (no host sync).
-    shard: (rank, world_size) of this process when the global batch is split across processes (torchrun).
-    scaler: a torch.amp.GradScaler for float16 autocast: a step whose gradients overflow is skipped."""
+def train_step(model, ema_model, ema, optimizer, diffusion, images, generator, config, amp_dtype, shard=(0, 1),
+               scaler=None):
+    """One optimizer step of Algorithm 1 on a batch of uint8 images; returns the loss as a tensor (no host sync).
+    shard: (rank, world_size) of this process when the global batch is split across processes (torchrun), see
+    training.share. scaler: a torch.amp.GradScaler for float16 autocast (a step whose gradients overflow is skipped)."""
     x0 = images.float() / 127.5 - 1  # [0, 255] -> [-1, 1]
     n, device = len(x0), x0.device
     if config.flip:  # random horizontal flips
         flip = share(lambda m: torch.rand(m, device=device, generator=generator), n, shard) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    t = share(lambda m: diffusion.sample_timesteps(m, generator), n, shard)
-    noise = share(lambda m: torch.randn((m, *x0.shape[1:]), device=device, generator=generator), n, shard)
+    t = share(lambda m: diffusion.sample_timesteps(m, generator), n, shard)  # Algorithm 1, line 3
+    noise = share(lambda m: torch.randn((m, *x0.shape[1:]), device=device, generator=generator), n, shard)  # line 4
     x_t, noise = diffusion.noise_images(x0, t, noise)
     if config.channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
-    with autocast(x0.device, amp_dtype):
-        if labels is None:
-            predicted = model(x_t, t)
-        else:
-            predicted = model(x_t, t, drop_labels(labels, config.cfg_drop, generator, shard))
-    squared_error = (predicted.float() - diffusion.training_target(x0, noise, t)).square().mean(dim=(1, 2, 3))
-    loss = (diffusion.loss_weight(t) * squared_error).mean()  # Algorithm 1, line 5: || eps - eps_theta(x_t, t) ||^2
+    with autocast(device, amp_dtype):
+        predicted = model(x_t, t)
+    loss = diffusion.loss(predicted, x0, noise, t)  # line 5
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -303,187 +238,11 @@ def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, gene
 
 
 def sample_grid(diffusion, ema_model, config, amp_dtype, device):
-    """The images written after each epoch: a row of 8 per class (at most 10 classes), or 8 x 8 unconditional, from
-    the same noise every epoch (so the grids show progress), with DDIM."""
-    num_classes = getattr(config, "num_classes", None)
-    labels = torch.arange(min(num_classes, 10), device=device).repeat_interleave(8) if num_classes else None
-    n, cfg_scale = (64, 1) if labels is None else (len(labels), config.cfg_scale)
+    """The 8 x 8 images written after each epoch, from the same noise every epoch (so the grids show progress)."""
     generator = torch.Generator(device).manual_seed(config.seed)
     with autocast(device, amp_dtype):
-        return diffusion.sample(ema_model, n, labels, cfg_scale, config.sample_steps, generator, progress=False)
-
-
-def train(config, conditional=False):
-    """Train a UNet on config.dataset; resumes from models/<run_name>/train_state.pt when it exists."""
-    c = argparse.Namespace(**vars(config))  # filled in below; the caller's stays as it was
-    check_config(c)
-    device, rank, world_size = setup_distributed(pick_device(c.device))
-    c.world_size = world_size  # processes (torchrun): the global batch is world_size * batch_size
-    try:
-        return train_on(c, conditional, device, rank, world_size)
-    finally:
-        if world_size > 1:
-            dist.destroy_process_group()
-
-
-def setup_distributed(device):
-    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on CUDA (one GPU per process, LOCAL_RANK) and
-    gloo on the CPU. Returns (device, rank, world_size); a plain `python` run is rank 0 of 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return device, 0, 1
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise UserError(f"torchrun: distributed training runs on CUDA (NCCL) or the CPU (gloo), not on {device}")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, dist.get_rank(), world_size
-
-
-def train_on(c, conditional, device, rank, world_size):
-    """The training loop. Under torchrun each process trains on its slice of every global batch of
-    world_size * batch_size images (DistributedDataParallel averages the gradients, so the weights, the optimizer and
-    the EMA stay identical on every process); only rank 0 writes files and shows progress."""
-    log = print if rank == 0 else lambda *args: None
-    amp = amp_dtype(device, c.amp)
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    models_dir, results_dir = setup_logging(c.run_name)
-    state_path = models_dir / "train_state.pt"
-    state = read_checkpoint(state_path) if state_path.exists() else None
-
-    dataset = load_dataset(c.dataset, c.img_size, c.channels, "train", c.data_dir, c.num_images, c.seed)
-    c.channels, c.classes = dataset.channels, dataset.classes
-    c.flip = default_flip(c.dataset) if c.flip is None else c.flip
-    if conditional:
-        c.num_classes = c.num_classes or len(dataset.classes)
-        if len(dataset.classes) > c.num_classes:
-            raise UserError(f"labels outside num_classes: '{c.dataset}' has {len(dataset.classes)} classes, "
-                            f"but num_classes={c.num_classes}")
-    if state is not None:
-        check_same_run(state["config"], vars(c), models_dir)
-
-    torch.manual_seed(c.seed)
-    model = make_model(c).to(device, memory_format=torch.channels_last if c.channels_last else torch.preserve_format)
-    ema_model = copy.deepcopy(model).requires_grad_(False)
-    optimizer = make_optimizer(model, c.lr, device)
-    ema = EMA(c.ema_beta)
-    diffusion = make_diffusion(c, device)
-    generator = torch.Generator(device).manual_seed(c.seed)  # every random draw of training comes from here
-    epoch, batch, step, losses = 0, 0, 0, []
-    if state is not None:
-        load_weights(model, state["model"], f"{state_path} (model)")
-        load_weights(ema_model, state["ema_model"], f"{state_path} (ema_model)")
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = c.lr
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        resume_random_stream(generator, state, device, log)
-        ema.step, epoch, batch, step, losses = state["ema_step"], state["epoch"], state["batch"], state["step"], state["losses"]
-        log(f"resuming {models_dir} at epoch {epoch + 1}, step {step}")
-    if epoch >= c.epochs:
-        log(f"{models_dir} has already trained {epoch} epochs (--epochs {c.epochs}): nothing to do")
-        return model, ema_model
-    if rank == 0:
-        save_json(vars(c), models_dir / "config.json")
-    train_model = model
-    if world_size > 1:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if c.compile:
-        train_model = torch.compile(train_model)
-    loader = get_data(dataset, c.batch_size, c.seed, c.num_workers, device, rank, world_size)
-    log(f"{len(dataset)} images, {len(loader)} steps per epoch, {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters, on {device}{f' with {str(amp)[6:]} autocast' if amp else ''}"
-        f"{f', {world_size} processes, global batch {world_size * c.batch_size}' if world_size > 1 else ''}")
-
-    def save(epoch, batch):
-        """Write the checkpoints; called only after a finite loss, so a diverged run never overwrites a good one.
-        Tensors go to the CPU first: the files load on any machine. Only rank 0 writes."""
-        if rank != 0:
-            return
-        weights, ema_weights = cpu_state(model), cpu_state(ema_model)
-        save_checkpoint(weights, models_dir / "ckpt.pt")
-        save_checkpoint(ema_weights, models_dir / "ema_ckpt.pt")
-        save_checkpoint({"model": weights, "ema_model": ema_weights, "optimizer": optimizer.state_dict(),
-                         "ema_step": ema.step, "generator": generator.get_state(), "generator_device": device.type,
-                         "scaler": scaler.state_dict() if scaler else {}, "epoch": epoch, "batch": batch,
-                         "step": step, "losses": losses, "config": vars(c)}, state_path)
-
-    while epoch < c.epochs:
-        loader.sampler.set_epoch(epoch, start=batch)
-        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, total=len(loader),
-                        disable=rank != 0)
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        for images, labels in progress:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True) if conditional else None
-            window_loss += train_step(train_model, ema_model, ema, optimizer, diffusion, images, labels, generator,
-                                      c, amp, (rank, world_size), scaler)
-            step, batch, window_steps = step + 1, batch + 1, window_steps + 1
-            save_now = c.save_every and step % c.save_every == 0 and batch < len(loader)
-            if step % c.log_every == 0 or batch == len(loader) or save_now:  # read the loss: waits for the device
-                if world_size > 1:  # the mean over all processes: every rank sees the same and stops alike
-                    dist.all_reduce(window_loss)
-                    window_loss /= world_size
-                loss = window_loss.item() / window_steps
-                if not math.isfinite(loss):
-                    raise UserError(f"the loss became {loss} by step {step}: training stopped, and the last good "
-                                    f"checkpoint in {models_dir} is kept (try a lower --lr, or --amp False)")
-                losses.append((step, loss))
-                rate = window_steps * c.batch_size * world_size / (time.perf_counter() - window_start)
-                progress.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{rate:.0f}")
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-            if save_now:
-                save(epoch, batch)
-        progress.close()
-        epoch, batch = epoch + 1, 0
-        save(epoch, batch)
-        if rank == 0:
-            save_images(sample_grid(diffusion, ema_model, c, amp, device), results_dir / f"{epoch}.jpg")
-            save_loss_plot(losses, results_dir / "loss.png")
-    log(f"done: {models_dir}/ema_ckpt.pt, sample grids in {results_dir}/")
-    return model, ema_model
-
-
-def resume_random_stream(generator, state, device, log):
-    """Continue the run's random stream; a run saved on another kind of device (e.g. trained on a GPU, resumed on the
-    CPU) has a generator state this one cannot take, so its stream goes on from (seed, step) instead."""
-    same_kind = len(state["generator"]) == len(generator.get_state())  # files written before generator_device
-    saved_on = state.get("generator_device") or (device.type if same_kind else "another device")
-    if saved_on == device.type:
-        generator.set_state(state["generator"])
-    else:
-        generator.manual_seed(state["config"]["seed"] * 1_000_003 + state["step"])
-        log(f"resuming on {device.type} a run saved on {saved_on}: its random draws go on from a new stream "
-            f"(seed {state['config']['seed']}, step {state['step']}), so they differ from an uninterrupted run's")
-
-
-def cpu_state(model):
-    return {k: v.cpu() for k, v in model.state_dict().items()}
-
-
-def check_same_run(saved, current, models_dir):
-    differ = [f"{k}={saved[k]!r}, now {current[k]!r}" for k in saved.keys() & current.keys()
-              if k not in RESUMABLE_CHANGES and saved[k] != current[k]]
-    if differ:
-        raise UserError(f"{models_dir} holds a run with other settings ({'; '.join(differ)}): pass another "
-                        f"--run_name, or delete {models_dir} to start this one afresh")
-
-
-def save_json(obj, path):
-    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
-
-
-def main(constants, conditional=False):
-    """Run a training script: its constants, overridden by the command line; a UserError is one line, no traceback."""
-    try:
-        train(parse_config(constants, description=sys.modules["__main__"].__doc__), conditional)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("stopped: the last checkpoint is kept; run the same command to resume")
+        return diffusion.sample(ema_model, 64, steps=config.sample_steps, generator=generator, progress=False)
 
 
 if __name__ == "__main__":
-    main(globals())
+    run_script(globals(), train_step, sample_grid, conditional=False)

@@ -18,14 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddpm import make_diffusion, make_model
+from training import load_run, load_weights, read_config
 from utils import (ImageTensors, UserError, amp_dtype, autocast, default_flip, image_size, in_memory, load_dataset,
-                   load_weights, pick_device)
+                   pick_device)
 
 TF_FID_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # the file torchmetrics (torch-fidelity) loads for FID
 
@@ -162,7 +161,8 @@ def inception_network(device):
     weights = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
     path = checkpoints / Path(weights.url).name
     if not path.exists():
-        return None, f"no Inception-v3 weights on this machine (no {checkpoints / TF_FID_WEIGHTS} with torchmetrics, no {path})"
+        return None, (f"no Inception-v3 weights on this machine (no {checkpoints / TF_FID_WEIGHTS} with torchmetrics, "
+                      f"no {path})")
     # transform_input=True, as torchvision's own builder sets for these weights: they expect ImageNet-normalised input
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -217,17 +217,6 @@ def reference_counts(train_labels, num_classes, n_per_class, conditional):
         return torch.full((num_classes,), n_per_class)
     mix = torch.bincount(train_labels, minlength=num_classes).double() / len(train_labels)
     return (mix * n_per_class * num_classes).round().long()
-
-
-def load_run(ckpt, device):
-    """The model and Diffusion of a checkpoint written by the training scripts, from config.json beside it."""
-    config_path = Path(ckpt).with_name("config.json")
-    if not config_path.is_file():
-        raise UserError(f"no {config_path}: evaluate.py reads the run's settings from the config.json that the "
-                        f"training scripts write beside their checkpoints")
-    config = argparse.Namespace(**json.loads(config_path.read_text()))
-    model = load_weights(make_model(config), ckpt).to(device).eval()
-    return config, model, make_diffusion(config, device)
 
 
 def measure(samples, sample_labels, classifier, real_features, floor, conditional):
@@ -295,10 +284,11 @@ def main(argv=None):
 def evaluate(args):
     device = pick_device(args.device)
     amp = amp_dtype(device)
-    config, model, diffusion = load_run(args.ckpt, device)
+    config = read_config(args.ckpt)
+    diffusion, model = load_run(args.ckpt, device)
     dataset, data_dir = args.dataset or config.dataset, args.data_dir or config.data_dir
     size, channels = image_size(config.img_size), config.channels
-    conditional = bool(getattr(config, "num_classes", None))
+    conditional = bool(config.num_classes)
     train, real, held_out = real_data(dataset, size, channels, data_dir)
     flip = default_flip(dataset)
     classifier = get_classifier(train, classifier_path(dataset, data_dir, size, channels, flip), device,
@@ -347,7 +337,8 @@ def evaluate(args):
         print(f"FID: skipped, {how}")
         report["fid"] = None
     else:
-        report["fid"] = frechet_distance(inception_features(inception, samples), inception_features(inception, real_a[0]))
+        report["fid"] = frechet_distance(inception_features(inception, samples),
+                                         inception_features(inception, real_a[0]))
         report["fid_network"] = how
         print(f"FID ({how}): {report['fid']:.2f}")
 

@@ -9,6 +9,7 @@ which resolutions the self-attention blocks run.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class EMA:
@@ -20,6 +21,7 @@ class EMA:
     def __init__(self, beta):
         self.beta = beta
         self.step = 0
+        self.average = get_ema_multi_avg_fn(beta)  # torch's: one foreach lerp over all parameters
 
     @torch.no_grad()
     def step_ema(self, ema_model, model, step_start_ema=2000):
@@ -31,12 +33,12 @@ class EMA:
 
     @torch.no_grad()
     def update_model_average(self, ema_model, model):
-        ema, current = list(ema_model.parameters()), list(model.parameters())
-        torch._foreach_lerp_(ema, current, 1 - self.beta)  # ema + (1 - beta) * (current - ema)
+        self.average(list(ema_model.parameters()), list(model.parameters()), None)  # ema + (1 - beta) (current - ema)
 
     @torch.no_grad()
     def reset_parameters(self, ema_model, model):
-        torch._foreach_copy_(list(ema_model.parameters()), list(model.parameters()))
+        for ema, current in zip(ema_model.parameters(), model.parameters()):
+            ema.copy_(current)
 
 
 class SelfAttention(nn.Module):
@@ -149,7 +151,7 @@ class UNet(nn.Module):
             raise ValueError(f"width={width}: must be a multiple of 4 (self-attention uses 4 heads)")
         if not set(attention) <= {1, 2, 4, 8}:
             raise ValueError(f"attention={tuple(attention)}: factors must be among 1, 2, 4, 8")
-        self.c_in, self.time_dim = c_in, time_dim
+        self.time_dim = time_dim
         w = width
 
         def attn(channels, factor):
@@ -176,7 +178,7 @@ class UNet(nn.Module):
         self.outc = nn.Conv2d(w, c_out, kernel_size=1)
 
     def pos_encoding(self, t, channels):
-        """Sinusoidal encoding of the timestep (Vaswani et al. 2017): [sin(t f_i)] ++ [cos(t f_i)], f_i = 1e4^(-2i/C)."""
+        """Sinusoidal timestep encoding (Vaswani et al. 2017): [sin(t f_i)] ++ [cos(t f_i)], f_i = 1e4^(-2i/C)."""
         inv_freq = 1.0 / (10000 ** (torch.arange(0, channels, 2, device=t.device).float() / channels))
         angles = t.float()[:, None] * inv_freq
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
@@ -184,7 +186,8 @@ class UNet(nn.Module):
     def unet_forward(self, x, emb):
         h, w = x.shape[-2:]
         if h % 8 or w % 8:
-            raise ValueError(f"image size {h}x{w}: height and width must be divisible by 8 (the UNet halves them 3 times)")
+            raise ValueError(f"image size {h}x{w}: height and width must be divisible by 8 "
+                             f"(the UNet halves them 3 times)")
         x1 = self.inc(x)
         x2 = self.sa1(self.down1(x1, emb))
         x3 = self.sa2(self.down2(x2, emb))

@@ -1,10 +1,7 @@
-"""Data, plotting, checkpoints and the small pieces of plumbing the training scripts share."""
-import argparse
-import ast
+"""Data, devices and precision, images and plots, and writing files safely: the plumbing every script shares."""
 import csv
 import os
 import socket
-import typing
 import warnings
 from pathlib import Path
 
@@ -18,53 +15,6 @@ from PIL import Image, ImageDraw
 class UserError(ValueError):
     """A problem with the input (data, options, checkpoint) that the user can fix. The scripts print its message
     as one line and stop, without a traceback."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Configuration: UPPERCASE constants, each overridable on the command line
-# ---------------------------------------------------------------------------------------------------------------
-
-def parse_config(constants, argv=None, description=None):
-    """Read a script's UPPERCASE constants, each overridable on the command line as --lower_case VALUE.
-
-    VALUE is read as a Python literal (64, 3e-4, True, None, 64,128, "(4, 8)") or else as a plain string, and must
-    have the type of the constant's default (a float option also takes an int); a constant whose default is None
-    gets its type from its annotation (`NUM_IMAGES: int | None = None`). Returns the configuration as a namespace
-    with lower-case names.
-    """
-    annotations = constants.get("__annotations__", {})
-    defaults = {name.lower(): value for name, value in constants.items()
-                if name.isupper() and isinstance(value, (bool, int, float, str, tuple, type(None)))}
-    parser = argparse.ArgumentParser(description=description)
-    for name, default in defaults.items():
-        parser.add_argument("--" + name, default=None, metavar="VALUE", help=f"default: {default!r}")
-    args = vars(parser.parse_args(argv))
-    values = {name: default if args[name] is None else
-              parse_value(name, args[name], default, annotations.get(name.upper()))
-              for name, default in defaults.items()}
-    return argparse.Namespace(**values)
-
-
-def parse_value(name, text, default, annotation=None):
-    """One option's value from its text, checked against its annotation's types, or else its default's type."""
-    types = [t for t in typing.get_args(annotation) or (annotation,) if t is not type(None)] if annotation else \
-        [type(default)]
-    try:
-        value = ast.literal_eval(text.capitalize() if text.lower() in ("true", "false", "none") else text)
-    except (ValueError, SyntaxError):
-        value = text
-    if type(value) in types or (value is None and default is None) or types == [type(None)]:
-        return value  # (a None default without an annotation takes any value)
-    if float in types and type(value) is int:
-        return float(value)  # --cfg_scale 7
-    if tuple in types and type(value) is int:
-        return (value,)  # --attention 8
-    if name == "img_size" and isinstance(value, tuple):
-        return value  # (height, width)
-    if str in types:
-        return text
-    names = " or ".join(t.__name__ for t in types)
-    raise UserError(f"--{name} {text}: expected a value of type {names} (the default is {default!r})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -461,43 +411,3 @@ def replace_atomically(path, write):
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
-
-
-def save_checkpoint(obj, path):
-    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
-
-
-def read_checkpoint(path):
-    """torch.load(path) on the CPU, weights only, with a clear message when it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint '{path}' does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds here: a truncated zip, an old pickle, a foreign object
-        raise UserError(f"cannot read checkpoint '{path}': {str(e).splitlines()[0]}") from None
-
-
-def load_weights(model, path_or_state, name=None):
-    """Load a state dict (or the file holding one) into model, naming the keys that differ if it does not fit.
-    Prefixes added by torch.compile ("_orig_mod.") and DistributedDataParallel ("module.") are removed."""
-    name = name or path_or_state
-    state = read_checkpoint(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
-    if not isinstance(state, dict):
-        raise UserError(f"checkpoint '{name}' holds a {type(state).__name__}, not a state dict")
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    problems = []
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                        ("shapes differ (checkpoint vs model)", shapes)):
-        if keys:
-            problems.append(f"{label}: {', '.join(keys[:4])}" + (f" and {len(keys) - 4} more" if len(keys) > 4 else ""))
-    if problems:
-        raise UserError(f"checkpoint '{name}' does not fit the model ({'; '.join(problems)}): was it trained with "
-                        f"other WIDTH, ATTENTION, CHANNELS, NUM_CLASSES?")
-    model.load_state_dict(state)
-    return model

@@ -48,4 +48,5 @@ def test_figures_and_the_flops_of_one_attention_block(tmp_path):
     n, c = 64, 8
     expected = 6 * 3 * 2 * n * c * c + 14 * n * n * c
     assert (train["gflop_per_image"] - without["train"]["gflop_per_image"]) * 1e9 == pytest.approx(expected)
-    assert r["params"] - without["params"] == 6 * c * c + 6 * c + 2 * 2 * c  # 6 weight matrices, their biases, 2 LayerNorms
+    # 6 weight matrices, their biases, 2 LayerNorms
+    assert r["params"] - without["params"] == 6 * c * c + 6 * c + 2 * 2 * c

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from modules import UNet
-from utils import (SHAPE_CLASSES, EpochBatches, UserError, get_data, load_dataset, load_weights, parse_config,
-                   pick_device, save_checkpoint)
+from training import load_weights, parse_config, save_checkpoint
+from utils import SHAPE_CLASSES, EpochBatches, UserError, get_data, load_dataset, pick_device
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

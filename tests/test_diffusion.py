@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ddpm import Diffusion, drop_labels
+from ddpm import Diffusion
+from ddpm_conditional import drop_labels
 from utils import UserError
 
 

@@ -10,12 +10,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--num_images", "48", "--img_size", "16", "--width", "8", "--sample_steps", "2", "--ema_start", "2",
         "--log_every", "1", "--amp", "False"]
-# ddpm.train, as `python ddpm_conditional.py` runs it, and then each process saves the weights it holds.
+# training.train, as `python ddpm_conditional.py` runs it, and then each process saves the weights it holds.
 WORKER = f"""
 import os, sys
 sys.path.insert(0, {str(REPO)!r})
-import torch, ddpm, ddpm_conditional, utils
-model, ema_model = ddpm.train(utils.parse_config(vars(ddpm_conditional), sys.argv[1:]), conditional=True)
+import torch, ddpm_conditional, training
+config = training.parse_config(vars(ddpm_conditional), sys.argv[1:])
+model, ema_model = training.train(config, ddpm_conditional.train_step, ddpm_conditional.sample_grid, conditional=True)
 torch.save({{"model": model.state_dict(), "ema_model": ema_model.state_dict()}},
            f"weights_rank{{os.environ.get('RANK', 0)}}.pt")
 """

@@ -1,4 +1,5 @@
-"""evaluate.py: the Frechet distance against closed forms, the real-data halves, and a whole evaluation of a tiny run."""
+"""evaluate.py: the Frechet distance against closed forms, the real reference sets, Inception features with a stand-in
+network, and whole evaluations of tiny runs (built-in data, an image folder)."""
 import json
 import os
 import socket
@@ -38,7 +39,7 @@ def test_reference_halves_are_disjoint_and_follow_the_class_counts():
     a, b = reference_halves(labels, torch.full((4,), 10))
     assert len(set(a.tolist()) & set(b.tolist())) == 0
     assert torch.bincount(labels[a]).tolist() == [10] * 4 and torch.bincount(labels[b]).tolist() == [10] * 4
-    a, b = reference_halves(labels, torch.full((4,), 100))  # a class with too few images gives what it has, split in two
+    a, b = reference_halves(labels, torch.full((4,), 100))  # a class with too few gives what it has, split in two
     assert len(a) == len(b) == 48
     rare = torch.cat([torch.zeros(60), torch.ones(6)]).long()  # like FER-2013's "disgust"
     a, b = reference_halves(rare, torch.tensor([20, 20]))
@@ -70,7 +71,8 @@ def test_inception_features_keep_every_image_and_give_rgb_to_the_network():
     torch.manual_seed(1)
     gray_a = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8)
     gray_b = torch.randint(0, 200, (25, 1, 8, 8), dtype=torch.uint8)
-    features_a, features_b = inception_features(net, gray_a, batch_size=7), inception_features(net, gray_b, batch_size=7)
+    features_a = inception_features(net, gray_a, batch_size=7)
+    features_b = inception_features(net, gray_b, batch_size=7)
     assert features_a.shape == (30, 2048) and features_a.dtype == torch.float64
     with torch.no_grad():
         direct_a, direct_b = (net(x.expand(-1, 3, -1, -1)).double() for x in (gray_a, gray_b))

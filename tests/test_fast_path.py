@@ -6,7 +6,9 @@ import copy
 
 import torch
 
-from ddpm import Diffusion, make_diffusion, make_model, make_optimizer, train_step
+from ddpm import Diffusion
+from ddpm_conditional import train_step
+from training import make_diffusion, make_model, make_optimizer
 from modules import EMA, UNet_conditional
 from utils import load_dataset
 

@@ -78,14 +78,14 @@ def test_script_writes_its_files_and_resumes_to_identical_weights(script, tmp_pa
     assert {p.name for p in models.iterdir()} == {"ckpt.pt", "ema_ckpt.pt", "train_state.pt", "config.json"}
     assert {p.name for p in results.iterdir()} == {"1.jpg", "2.jpg", "loss.png"}
     config = json.loads((models / "config.json").read_text())
-    assert config["channels"] == 3 and config.get("num_classes") == (6 if script == "ddpm_conditional.py" else None)
+    assert config["channels"] == 3 and config["num_classes"] == (6 if script == "ddpm_conditional.py" else None)
 
     # the checkpoints are plain state dicts, loadable the tutorial's way
-    from ddpm import make_model
+    from training import make_model
     model = make_model(argparse.Namespace(**config))
     model.load_state_dict(torch.load(models / "ema_ckpt.pt", weights_only=True))
     grid = Image.open(results / "2.jpg")  # a row of 8 per class (6 shapes), or 8 x 8 without classes
-    assert grid.size == (2 + 8 * 18, 2 + (6 if config.get("num_classes") else 8) * 18)
+    assert grid.size == (2 + 8 * 18, 2 + (6 if config["num_classes"] else 8) * 18)
 
     second = run(script, "--epochs", "3", cwd=tmp_path)  # the same command, more epochs: it resumes
     assert "resuming" in second.stdout and "at epoch 3, step 6" in second.stdout
@@ -137,7 +137,8 @@ def test_a_run_saved_on_another_device_resumes_with_a_new_random_stream(tmp_path
     state["generator"], state["generator_device"] = torch.zeros(16, dtype=torch.uint8), "cuda"  # a CUDA Philox state
     torch.save(state, path)
     result = run("ddpm.py", "--epochs", "2", cwd=tmp_path)
-    assert "resuming on cpu a run saved on cuda: its random draws go on from a new stream (seed 0, step 3)" in result.stdout
+    message = "resuming on cpu a run saved on cuda: its random draws go on from a new stream (seed 0, step 3)"
+    assert message in result.stdout
     resumed = final_state(tmp_path, "ddpm.py")
     assert (resumed["step"], resumed["epoch"], resumed["generator_device"]) == (6, 2, "cpu")
     assert all(torch.isfinite(v).all() for v in resumed["model"].values())
@@ -174,7 +175,7 @@ def one_step(images, diffusion, flip=True, amp_dtype=None, scaler=None, model=No
     model = model or ConvModel()
     config = argparse.Namespace(flip=flip, channels_last=False, cfg_drop=0.1, ema_start=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss = train_step(model, ConvModel(), EMA(0.9), optimizer, diffusion, images, None, torch.Generator().manual_seed(0),
+    loss = train_step(model, ConvModel(), EMA(0.9), optimizer, diffusion, images, torch.Generator().manual_seed(0),
                       config, amp_dtype, scaler=scaler)
     return loss, model
 
@@ -256,6 +257,21 @@ def test_importing_the_scripts_starts_nothing(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_the_tutorials_notebook_lines_work():
+    """`from ddpm_conditional import *` (or ddpm) gives the tutorial's names, and its sampling call runs."""
+    names = {}
+    exec("from ddpm import *", names)
+    assert {"Diffusion", "UNet", "plot_images", "load_run"} <= names.keys()
+    names = {}
+    exec("from ddpm_conditional import *", names)
+    assert {"Diffusion", "UNet_conditional", "plot_images", "load_run", "EMA"} <= names.keys()
+    torch.manual_seed(0)
+    model, diffusion = names["UNet_conditional"](num_classes=4, width=8), names["Diffusion"](img_size=8, device="cpu")
+    labels = torch.arange(4)
+    x = diffusion.sample(model, 4, labels, cfg_scale=3)  # the tutorial's call: all 1000 ancestral steps
+    assert x.shape == (4, 3, 8, 8) and x.dtype == torch.uint8
 
 
 def readme_notebook_cell():
