@@ -40,7 +40,9 @@ MIN_SNR_GAMMA = 5.0
 # --- training ---
 EPOCHS = 24
 BATCH_SIZE = 32
-LR = 2e-3                 # tutorial: 3e-4
+LR = 2e-3                 # peak learning rate; tutorial: 3e-4
+LR_WARMUP = 0             # steps of linear warm-up from 0 to LR; tutorial: 0
+LR_SCHEDULE = "constant"  # then "constant" (the tutorial's), or "cosine" / "linear" decay to 0 at the last step
 EMA_BETA = 0.995
 EMA_START = 1000          # steps during which the EMA model just copies the weights; tutorial: 2000
 SAMPLE_STEPS = 50         # DDIM steps for the sample grid written after each epoch

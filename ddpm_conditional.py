@@ -41,7 +41,9 @@ MIN_SNR_GAMMA = 5.0
 # --- training ---
 EPOCHS = 24
 BATCH_SIZE = 32
-LR = 2e-3                 # tutorial: 3e-4
+LR = 2e-3                 # peak learning rate; tutorial: 3e-4
+LR_WARMUP = 0             # steps of linear warm-up from 0 to LR; tutorial: 0
+LR_SCHEDULE = "constant"  # then "constant" (the tutorial's), or "cosine" / "linear" decay to 0 at the last step
 CFG_DROP = 0.1            # probability that a sample's label is replaced by the null condition
 CFG_SCALE = 3.0           # guidance scale of the sample grids: 1 conditional, 0 unconditional, >1 guided
 EMA_BETA = 0.995

@@ -28,7 +28,7 @@ from utils import (UserError, amp_dtype, default_flip, get_data, image_size, loa
 RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "log_every", "device", "amp", "channels_last",
                      "compile", "num_workers", "data_dir", "cfg_scale"}
 # Settings that config.json files written by earlier versions lack, with the value those runs had.
-EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0}
+EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant"}
 
 
 def run_script(constants, train_step, sample_grid, conditional):
@@ -91,6 +91,7 @@ def train_on(c, train_step, sample_grid, conditional, device, rank, world_size):
             inputs = (images.to(device, non_blocking=True),)
             if conditional:
                 inputs += (labels.to(device, non_blocking=True),)
+            set_learning_rate(run.optimizer, c, run.step, len(loader))
             window.add(train_step(train_model, run.ema_model, run.ema, run.optimizer, run.diffusion, *inputs,
                                   run.generator, c, run.amp, (rank, world_size), run.scaler))
             run.step, run.batch = run.step + 1, run.batch + 1
@@ -125,6 +126,9 @@ def check_config(c, conditional):
             raise UserError(f"{name}={getattr(c, name)}: must be at least 1")
     if conditional and not 0 <= c.cfg_drop < 1:
         raise UserError(f"cfg_drop={c.cfg_drop}: must be in [0, 1)")
+    if c.lr_schedule not in ("constant", "cosine", "linear") or c.lr_warmup < 0:
+        raise UserError(f"lr_schedule={c.lr_schedule!r}, lr_warmup={c.lr_warmup}: expected 'constant', 'cosine' or "
+                        f"'linear', and a warm-up of 0 or more steps")
     if c.channels not in (None, 1, 3):
         raise UserError(f"channels={c.channels}: expected 1, 3 or None (the dataset's)")
     amp_dtype("cpu", c.amp)  # a clear message for a bad --amp before anything starts
@@ -159,9 +163,7 @@ def start_run(c, device, state, log):
         return run
     load_weights(run.model, state["model"], "train_state.pt (model)")
     load_weights(run.ema_model, state["ema_model"], "train_state.pt (ema_model)")
-    run.optimizer.load_state_dict(state["optimizer"])
-    for group in run.optimizer.param_groups:
-        group["lr"] = c.lr
+    run.optimizer.load_state_dict(state["optimizer"])  # (its learning rate is set before every step)
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     resume_random_stream(run.generator, state, device, log)
@@ -209,6 +211,23 @@ class LossWindow:
         rate = self.steps * batch_size * self.world_size / (time.perf_counter() - self.since)
         self.start()
         return loss, rate
+
+
+def learning_rate(c, step, steps_per_epoch):
+    """The learning rate of a step: LR after a linear warm-up over LR_WARMUP steps, then constant, or decayed to 0 at
+    the run's last step (cosine, as in Loshchilov & Hutter 2017, or linear). A function of the step alone, so a
+    resumed run continues on the same curve (unless --epochs changed, which stretches it)."""
+    if step < c.lr_warmup:
+        return c.lr * (step + 1) / c.lr_warmup
+    if c.lr_schedule == "constant":
+        return c.lr
+    progress = min(1.0, (step - c.lr_warmup) / max(1, c.epochs * steps_per_epoch - c.lr_warmup))
+    return c.lr * (0.5 * (1 + math.cos(math.pi * progress)) if c.lr_schedule == "cosine" else 1 - progress)
+
+
+def set_learning_rate(optimizer, c, step, steps_per_epoch):
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(c, step, steps_per_epoch)
 
 
 def share(draw, n, shard):

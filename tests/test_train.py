@@ -3,6 +3,7 @@ weights (after a clean stop or a kill at any moment), stops on bad input with on
 cell samples from what it wrote."""
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -93,11 +94,15 @@ def test_script_writes_its_files_and_resumes_to_identical_weights(script, tmp_pa
     assert "nothing to do" in run(script, "--epochs", "3", cwd=tmp_path).stdout
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, tmp_path, uninterrupted):
+COSINE = ("--lr_schedule", "cosine", "--lr_warmup", "4")
+
+
+@pytest.mark.parametrize("script,schedule", [(script, ()) for script in SCRIPTS] + [("ddpm.py", COSINE)])
+def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, schedule, tmp_path, uninterrupted):
     """A checkpoint every step; kill -9 soon after the first one appears (mid-epoch, while writing, ...): the files
-    left are whole, and running the command again finishes with the uninterrupted run's weights."""
-    args = ("--epochs", "3", "--save_every", "1")
+    left are whole, and running the command again finishes with the uninterrupted run's weights (also along a
+    warm-up and cosine learning-rate schedule)."""
+    args = ("--epochs", "3", "--save_every", "1", *schedule)
     process = subprocess.Popen(command(script, *args), cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     state = tmp_path / "models" / RUN[script] / "train_state.pt"
@@ -111,7 +116,14 @@ def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, tmp_p
     torch.load(state.with_name("ckpt.pt"), weights_only=True)
     assert 1 <= interrupted["step"] < 9
     run(script, *args, cwd=tmp_path)
-    assert_same_training(final_state(tmp_path, script), final_state(uninterrupted[script], script))
+    reference = uninterrupted[script]
+    if schedule:
+        reference = tmp_path / "whole"
+        reference.mkdir()
+        run(script, "--epochs", "3", *schedule, cwd=reference)
+        last = 2e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5))  # the 9th step: 4 of the 5 steps after warm-up done
+        assert final_state(reference, script)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(last)
+    assert_same_training(final_state(tmp_path, script), final_state(reference, script))
 
 
 def test_resuming_with_other_machine_settings_continues_the_same_run(tmp_path, uninterrupted):
@@ -212,6 +224,21 @@ def test_float16_gradients_that_overflow_skip_the_step():
     _, model = one_step(images, diffusion, amp_dtype=torch.float16, scaler=scaler)
     assert torch.isfinite(model.conv.weight).all() and not torch.equal(model.conv.weight, before)
     assert scaler.get_scale() == 2.0 ** 8
+
+
+def test_learning_rate_schedules_at_chosen_steps():
+    """Linear warm-up over LR_WARMUP steps to LR, then constant, or cosine / linear decay to 0 at the last step."""
+    from training import learning_rate
+    c = argparse.Namespace(lr=1e-3, lr_warmup=10, lr_schedule="cosine", epochs=2)  # 2 x 55 = 110 steps
+    values = {step: learning_rate(c, step, 55) for step in (0, 4, 9, 10, 35, 60, 85, 109)}
+    assert values[0] == pytest.approx(1e-4) and values[4] == pytest.approx(5e-4) and values[9] == pytest.approx(1e-3)
+    expected = {10: 1e-3, 35: 1e-3 * (1 + 2 ** -0.5) / 2, 60: 5e-4, 85: 1e-3 * (1 - 2 ** -0.5) / 2}
+    assert all(values[step] == pytest.approx(lr) for step, lr in expected.items())
+    assert 0 < values[109] < 1e-6
+    c.lr_schedule = "linear"
+    assert learning_rate(c, 60, 55) == pytest.approx(5e-4) and learning_rate(c, 109, 55) == pytest.approx(1e-5)
+    c.lr_schedule, c.lr_warmup = "constant", 0
+    assert {learning_rate(c, step, 55) for step in (0, 50, 109)} == {1e-3}  # the tutorial's: exactly LR
 
 
 def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
