@@ -81,16 +81,16 @@ class SelfAttention(nn.Module):
 
 
 class DoubleConv(nn.Module):
-    def __init__(self, in_channels, out_channels, mid_channels=None, residual=False):
+    def __init__(self, in_channels, out_channels, mid_channels=None, residual=False, groups=1):
         super().__init__()
         self.residual = residual
         mid_channels = mid_channels or out_channels
         self.double_conv = nn.Sequential(
             nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
-            nn.GroupNorm(1, mid_channels),
+            nn.GroupNorm(groups, mid_channels),
             nn.GELU(),
             nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.GroupNorm(1, out_channels),
+            nn.GroupNorm(groups, out_channels),
         )
 
     def forward(self, x):
@@ -102,12 +102,12 @@ class DoubleConv(nn.Module):
 class Down(nn.Module):
     """Halve the resolution, two DoubleConvs, then add the projected time (and label) embedding."""
 
-    def __init__(self, in_channels, out_channels, emb_dim=256):
+    def __init__(self, in_channels, out_channels, emb_dim=256, groups=1):
         super().__init__()
         self.maxpool_conv = nn.Sequential(
             nn.MaxPool2d(2),
-            DoubleConv(in_channels, in_channels, residual=True),
-            DoubleConv(in_channels, out_channels),
+            DoubleConv(in_channels, in_channels, residual=True, groups=groups),
+            DoubleConv(in_channels, out_channels, groups=groups),
         )
         self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
 
@@ -119,12 +119,12 @@ class Down(nn.Module):
 class Up(nn.Module):
     """Double the resolution, concatenate the skip connection, two DoubleConvs, add the embedding."""
 
-    def __init__(self, in_channels, out_channels, emb_dim=256):
+    def __init__(self, in_channels, out_channels, emb_dim=256, groups=1):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
         self.conv = nn.Sequential(
-            DoubleConv(in_channels, in_channels, residual=True),
-            DoubleConv(in_channels, out_channels, in_channels // 2),
+            DoubleConv(in_channels, in_channels, residual=True, groups=groups),
+            DoubleConv(in_channels, out_channels, in_channels // 2, groups=groups),
         )
         self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
 
@@ -145,7 +145,7 @@ class UNet(nn.Module):
     device:    accepted and ignored (the tutorial passed one); move the model with .to(device).
     """
 
-    def __init__(self, c_in=3, c_out=3, time_dim=256, width=64, attention=(1, 2, 4, 8), device=None):
+    def __init__(self, c_in=3, c_out=3, time_dim=256, width=64, attention=(1, 2, 4, 8), device=None, norm_groups=1):
         super().__init__()
         if width % 4:
             raise ValueError(f"width={width}: must be a multiple of 4 (self-attention uses 4 heads)")
@@ -157,23 +157,26 @@ class UNet(nn.Module):
         def attn(channels, factor):
             return SelfAttention(channels) if factor in attention else nn.Identity()
 
-        self.inc = DoubleConv(c_in, w)
-        self.down1 = Down(w, 2 * w, time_dim)
+        g = norm_groups
+        if w % g:
+            raise ValueError(f"norm_groups={g}: must divide width={w}")
+        self.inc = DoubleConv(c_in, w, groups=g)
+        self.down1 = Down(w, 2 * w, time_dim, g)
         self.sa1 = attn(2 * w, 2)
-        self.down2 = Down(2 * w, 4 * w, time_dim)
+        self.down2 = Down(2 * w, 4 * w, time_dim, g)
         self.sa2 = attn(4 * w, 4)
-        self.down3 = Down(4 * w, 4 * w, time_dim)
+        self.down3 = Down(4 * w, 4 * w, time_dim, g)
         self.sa3 = attn(4 * w, 8)
 
-        self.bot1 = DoubleConv(4 * w, 8 * w)
-        self.bot2 = DoubleConv(8 * w, 8 * w)
-        self.bot3 = DoubleConv(8 * w, 4 * w)
+        self.bot1 = DoubleConv(4 * w, 8 * w, groups=g)
+        self.bot2 = DoubleConv(8 * w, 8 * w, groups=g)
+        self.bot3 = DoubleConv(8 * w, 4 * w, groups=g)
 
-        self.up1 = Up(8 * w, 2 * w, time_dim)
+        self.up1 = Up(8 * w, 2 * w, time_dim, g)
         self.sa4 = attn(2 * w, 4)
-        self.up2 = Up(4 * w, w, time_dim)
+        self.up2 = Up(4 * w, w, time_dim, g)
         self.sa5 = attn(w, 2)
-        self.up3 = Up(2 * w, w, time_dim)
+        self.up3 = Up(2 * w, w, time_dim, g)
         self.sa6 = attn(w, 1)
         self.outc = nn.Conv2d(w, c_out, kernel_size=1)
 
@@ -214,8 +217,9 @@ class UNet_conditional(UNet):
       - None: no label for the whole batch (the tutorial's convention).
     """
 
-    def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, width=64, attention=(1, 2, 4, 8), device=None):
-        super().__init__(c_in, c_out, time_dim, width, attention)
+    def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, width=64, attention=(1, 2, 4, 8), device=None,
+                 norm_groups=1):
+        super().__init__(c_in, c_out, time_dim, width, attention, norm_groups=norm_groups)
         self.num_classes = num_classes
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_dim)

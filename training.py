@@ -28,7 +28,8 @@ from utils import (UserError, amp_dtype, default_flip, get_data, image_size, loa
 RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "log_every", "device", "amp", "channels_last",
                      "compile", "num_workers", "data_dir", "cfg_scale"}
 # Settings that config.json files written by earlier versions lack, with the value those runs had.
-EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant"}
+EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant",
+                    "norm_groups": 1}
 
 
 def run_script(constants, train_step, sample_grid, conditional):
@@ -119,6 +120,8 @@ def check_config(c, conditional):
                         f"(the UNet halves them 3 times), e.g. 32, 64 or (64, 128)")
     if c.width < 4 or c.width % 4:
         raise UserError(f"width={c.width}: must be a positive multiple of 4")
+    if c.norm_groups < 1 or c.width % c.norm_groups:
+        raise UserError(f"norm_groups={c.norm_groups}: must divide width={c.width}")
     if not set(c.attention) <= {1, 2, 4, 8}:
         raise UserError(f"attention={c.attention}: factors must be among 1, 2, 4, 8")
     for name in ("epochs", "batch_size", "noise_steps", "sample_steps", "log_every"):
@@ -155,7 +158,8 @@ def start_run(c, device, state, log):
     amp = amp_dtype(device, c.amp)
     run = argparse.Namespace(
         model=model, ema_model=copy.deepcopy(model).requires_grad_(False),
-        optimizer=make_optimizer(model, c.lr, device), ema=EMA(c.ema_beta), diffusion=make_diffusion(c, device), amp=amp,
+        optimizer=make_optimizer(model, c.lr, device), ema=EMA(c.ema_beta), diffusion=make_diffusion(c, device),
+        amp=amp,
         scaler=torch.amp.GradScaler(device.type) if amp == torch.float16 else None,  # fp16 needs a loss scale
         generator=torch.Generator(device).manual_seed(c.seed),  # every random draw of training comes from here
         epoch=0, batch=0, step=0, losses=[])
@@ -282,8 +286,9 @@ def make_model(config):
     """The UNet a configuration describes: conditional when config.num_classes is set."""
     if config.num_classes:
         return UNet_conditional(config.channels, config.channels, num_classes=config.num_classes,
-                                width=config.width, attention=config.attention)
-    return UNet(config.channels, config.channels, width=config.width, attention=config.attention)
+                                width=config.width, attention=config.attention, norm_groups=config.norm_groups)
+    return UNet(config.channels, config.channels, width=config.width, attention=config.attention,
+                norm_groups=config.norm_groups)
 
 
 def make_diffusion(config, device):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules import EMA, SelfAttention, UNet, UNet_conditional
+from modules import EMA, DoubleConv, SelfAttention, UNet, UNet_conditional
 
 REFERENCE = Path(__file__).parent / "reference"
 
@@ -149,3 +149,22 @@ def test_ema_copies_during_warm_up_then_averages():
     ema.step_ema(ema_model, model, step_start_ema=3)
     assert torch.allclose(ema_model.weight, 0.9 * before + 0.1 * new)
     assert ema.step == 4
+
+
+def test_norm_groups_normalise_each_group_and_keep_the_keys():
+    """NORM_GROUPS: GroupNorm over that many channel groups (the tutorial's 1 normalises all channels together); the
+    state-dict keys and shapes stay the tutorial's."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, 8) * torch.tensor([1.0, 5.0, 0.2, 3.0])[:, None, None] + 2
+    for groups in (1, 2):
+        with torch.no_grad():
+            out = DoubleConv(4, 8, groups=groups)(x).view(3, groups, -1)  # the last GroupNorm's output
+        assert torch.allclose(out.mean(-1), torch.zeros(3, groups), atol=1e-5)
+        assert torch.allclose(out.var(-1, unbiased=False), torch.ones(3, groups), atol=1e-3)
+    with torch.no_grad():
+        halves = DoubleConv(4, 8, groups=1)(x).view(3, 2, -1).mean(-1)
+    assert halves.abs().max() > 0.05  # with one group, each half of the channels is not normalised on its own
+    grouped, tutorial = UNet(width=16, norm_groups=8).state_dict(), UNet(width=16).state_dict()
+    assert [(k, v.shape) for k, v in grouped.items()] == [(k, v.shape) for k, v in tutorial.items()]
+    with pytest.raises(ValueError, match="norm_groups=3: must divide width=16"):
+        UNet(width=16, norm_groups=3)
