@@ -38,6 +38,7 @@ SCHEDULE = "cosine"       # "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et
 PREDICTION = "v"          # what the UNet predicts: "v" (Salimans & Ho 2022), "eps" (the tutorial's) or "x0"
 LOSS_WEIGHTING = "min_snr"  # "min_snr" (Hang et al. 2023) or "none" (plain MSE, the tutorial's)
 MIN_SNR_GAMMA = 5.0
+TIMESTEPS = "uniform"      # how training draws t: "uniform" (the tutorial's) or "logit_normal" (Esser et al. 2024)
 # --- training ---
 EPOCHS = 24
 BATCH_SIZE = 32
@@ -62,8 +63,11 @@ class Diffusion:
     """The forward process q(x_t | x_0) and the samplers. Timestep index t = 0 .. T-1 is the paper's t = 1 .. T."""
 
     def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, device=None, channels=3,
-                 schedule="linear", prediction="eps", loss_weighting="none", min_snr_gamma=5.0):
+                 schedule="linear", prediction="eps", loss_weighting="none", min_snr_gamma=5.0, timesteps="uniform"):
         self.noise_steps, self.beta_start, self.beta_end, self.schedule = noise_steps, beta_start, beta_end, schedule
+        if timesteps not in ("uniform", "logit_normal"):
+            raise UserError(f"timesteps '{timesteps}': expected 'uniform' or 'logit_normal'")
+        self.timesteps = timesteps
         if prediction not in ("eps", "v", "x0"):
             raise UserError(f"prediction '{prediction}': expected 'eps', 'v' or 'x0'")
         if loss_weighting not in ("none", "min_snr"):
@@ -127,8 +131,12 @@ class Diffusion:
         return output
 
     def sample_timesteps(self, n, generator=None):
-        """t ~ Uniform({1, ..., T}) (Algorithm 1, line 3), as indices 0 .. T-1."""
-        return torch.randint(0, self.noise_steps, (n,), device=self.device, generator=generator)
+        """t ~ Uniform({1, ..., T}) (Algorithm 1, line 3), as indices 0 .. T-1; or "logit_normal": t / T = sigmoid(u),
+        u ~ N(0, 1), which trains the middle noise levels more often (Esser et al. 2024, eq. 19)."""
+        if self.timesteps == "uniform":
+            return torch.randint(0, self.noise_steps, (n,), device=self.device, generator=generator)
+        u = torch.randn(n, device=self.device, generator=generator)
+        return (torch.sigmoid(u) * self.noise_steps).long().clamp(max=self.noise_steps - 1)
 
     @torch.inference_mode()
     def sample(self, model, n, labels=None, cfg_scale=3, steps=None, generator=None, progress=True):

@@ -39,6 +39,7 @@ SCHEDULE = "cosine"       # "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et
 PREDICTION = "v"          # what the UNet predicts: "v" (Salimans & Ho 2022), "eps" (the tutorial's) or "x0"
 LOSS_WEIGHTING = "min_snr"  # "min_snr" (Hang et al. 2023) or "none" (plain MSE, the tutorial's)
 MIN_SNR_GAMMA = 5.0
+TIMESTEPS = "uniform"      # how training draws t: "uniform" (the tutorial's) or "logit_normal" (Esser et al. 2024)
 # --- training ---
 EPOCHS = 24
 BATCH_SIZE = 32

@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "log_every", 
                      "compile", "num_workers", "data_dir", "cfg_scale"}
 # Settings that config.json files written by earlier versions lack, with the value those runs had.
 EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant",
-                    "norm_groups": 1}
+                    "norm_groups": 1, "timesteps": "uniform"}
 
 
 def run_script(constants, train_step, sample_grid, conditional):
@@ -294,7 +294,8 @@ def make_model(config):
 def make_diffusion(config, device):
     from ddpm import Diffusion  # (ddpm.py imports this module to train)
     return Diffusion(config.noise_steps, config.beta_start, config.beta_end, config.img_size, device,
-                     config.channels, config.schedule, config.prediction, config.loss_weighting, config.min_snr_gamma)
+                     config.channels, config.schedule, config.prediction, config.loss_weighting, config.min_snr_gamma,
+                     config.timesteps)
 
 
 def make_optimizer(model, lr, device):

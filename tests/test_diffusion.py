@@ -47,6 +47,19 @@ def test_noise_images_matches_q_xt_given_x0():
     assert abs(noise.mean().item()) < 5 / math.sqrt(n) and abs(noise.std().item() - 1) < 5 * math.sqrt(0.5 / n)
 
 
+def test_logit_normal_timesteps_follow_their_distribution():
+    """t / T = sigmoid(u), u ~ N(0, 1): P(t < k) = Phi(logit(k / T)), checked at a few k within 5 standard errors."""
+    diffusion = Diffusion(device="cpu", timesteps="logit_normal")
+    t = diffusion.sample_timesteps(200_000, torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() <= 999
+    for k in (50, 200, 500, 800, 950):
+        expected = 0.5 * (1 + math.erf(math.log(k / (1000 - k)) / math.sqrt(2)))
+        observed = (t < k).double().mean().item()
+        assert abs(observed - expected) < 5 * math.sqrt(expected * (1 - expected) / len(t))
+    with pytest.raises(UserError, match="timesteps 'beta': expected 'uniform' or 'logit_normal'"):
+        Diffusion(device="cpu", timesteps="beta")
+
+
 def test_linear_schedule():
     diffusion = Diffusion(device="cpu")
     assert len(diffusion.beta) == 1000
