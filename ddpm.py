@@ -31,6 +31,7 @@ FLIP: bool | None = None  # random horizontal flips; None: the dataset's (on, bu
 WIDTH = 16                # channels at full resolution; tutorial: 64
 ATTENTION = (8,)          # self-attention at these downsampling factors; tutorial: (1, 2, 4, 8), all six blocks
 NORM_GROUPS = 1           # GroupNorm groups in every convolution block; tutorial: 1
+FILM = False              # the time/label embedding as a per-channel scale and shift; tutorial: False (added)
 # --- diffusion ---
 NOISE_STEPS = 1000        # T
 BETA_START, BETA_END = 1e-4, 0.02

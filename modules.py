@@ -99,40 +99,50 @@ class DoubleConv(nn.Module):
         return self.double_conv(x)
 
 
-class Down(nn.Module):
-    """Halve the resolution, two DoubleConvs, then add the projected time (and label) embedding."""
+def apply_embedding(x, emb, film):
+    """The block's output with the projected time (and label) embedding: added, as in the tutorial, or with FiLM
+    (ADM's scale-shift norm, Dhariwal & Nichol 2021) as a per-channel scale and shift, x (1 + scale) + shift."""
+    emb = emb[:, :, None, None]
+    if film:
+        scale, shift = emb.chunk(2, dim=1)
+        return x * (1 + scale) + shift
+    return x + emb
 
-    def __init__(self, in_channels, out_channels, emb_dim=256, groups=1):
+
+class Down(nn.Module):
+    """Halve the resolution, two DoubleConvs, then add the projected time (and label) embedding (or FiLM)."""
+
+    def __init__(self, in_channels, out_channels, emb_dim=256, groups=1, film=False):
         super().__init__()
         self.maxpool_conv = nn.Sequential(
             nn.MaxPool2d(2),
             DoubleConv(in_channels, in_channels, residual=True, groups=groups),
             DoubleConv(in_channels, out_channels, groups=groups),
         )
-        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.film = film
+        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels * (2 if film else 1)))
 
     def forward(self, x, t):
-        x = self.maxpool_conv(x)
-        return x + self.emb_layer(t)[:, :, None, None]
+        return apply_embedding(self.maxpool_conv(x), self.emb_layer(t), self.film)
 
 
 class Up(nn.Module):
     """Double the resolution, concatenate the skip connection, two DoubleConvs, add the embedding."""
 
-    def __init__(self, in_channels, out_channels, emb_dim=256, groups=1):
+    def __init__(self, in_channels, out_channels, emb_dim=256, groups=1, film=False):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
         self.conv = nn.Sequential(
             DoubleConv(in_channels, in_channels, residual=True, groups=groups),
             DoubleConv(in_channels, out_channels, in_channels // 2, groups=groups),
         )
-        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.film = film
+        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels * (2 if film else 1)))
 
     def forward(self, x, skip_x, t):
         x = self.up(x)
         x = torch.cat([skip_x, x], dim=1)
-        x = self.conv(x)
-        return x + self.emb_layer(t)[:, :, None, None]
+        return apply_embedding(self.conv(x), self.emb_layer(t), self.film)
 
 
 class UNet(nn.Module):
@@ -145,7 +155,8 @@ class UNet(nn.Module):
     device:    accepted and ignored (the tutorial passed one); move the model with .to(device).
     """
 
-    def __init__(self, c_in=3, c_out=3, time_dim=256, width=64, attention=(1, 2, 4, 8), device=None, norm_groups=1):
+    def __init__(self, c_in=3, c_out=3, time_dim=256, width=64, attention=(1, 2, 4, 8), device=None, norm_groups=1,
+                 film=False):
         super().__init__()
         if width % 4:
             raise ValueError(f"width={width}: must be a multiple of 4 (self-attention uses 4 heads)")
@@ -161,22 +172,22 @@ class UNet(nn.Module):
         if w % g:
             raise ValueError(f"norm_groups={g}: must divide width={w}")
         self.inc = DoubleConv(c_in, w, groups=g)
-        self.down1 = Down(w, 2 * w, time_dim, g)
+        self.down1 = Down(w, 2 * w, time_dim, g, film)
         self.sa1 = attn(2 * w, 2)
-        self.down2 = Down(2 * w, 4 * w, time_dim, g)
+        self.down2 = Down(2 * w, 4 * w, time_dim, g, film)
         self.sa2 = attn(4 * w, 4)
-        self.down3 = Down(4 * w, 4 * w, time_dim, g)
+        self.down3 = Down(4 * w, 4 * w, time_dim, g, film)
         self.sa3 = attn(4 * w, 8)
 
         self.bot1 = DoubleConv(4 * w, 8 * w, groups=g)
         self.bot2 = DoubleConv(8 * w, 8 * w, groups=g)
         self.bot3 = DoubleConv(8 * w, 4 * w, groups=g)
 
-        self.up1 = Up(8 * w, 2 * w, time_dim, g)
+        self.up1 = Up(8 * w, 2 * w, time_dim, g, film)
         self.sa4 = attn(2 * w, 4)
-        self.up2 = Up(4 * w, w, time_dim, g)
+        self.up2 = Up(4 * w, w, time_dim, g, film)
         self.sa5 = attn(w, 2)
-        self.up3 = Up(2 * w, w, time_dim, g)
+        self.up3 = Up(2 * w, w, time_dim, g, film)
         self.sa6 = attn(w, 1)
         self.outc = nn.Conv2d(w, c_out, kernel_size=1)
 
@@ -218,8 +229,8 @@ class UNet_conditional(UNet):
     """
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, width=64, attention=(1, 2, 4, 8), device=None,
-                 norm_groups=1):
-        super().__init__(c_in, c_out, time_dim, width, attention, norm_groups=norm_groups)
+                 norm_groups=1, film=False):
+        super().__init__(c_in, c_out, time_dim, width, attention, norm_groups=norm_groups, film=film)
         self.num_classes = num_classes
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_dim)

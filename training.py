@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "log_every", 
                      "compile", "num_workers", "data_dir", "cfg_scale"}
 # Settings that config.json files written by earlier versions lack, with the value those runs had.
 EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant",
-                    "norm_groups": 1, "timesteps": "uniform"}
+                    "norm_groups": 1, "film": False, "timesteps": "uniform"}
 
 
 def run_script(constants, train_step, sample_grid, conditional):
@@ -286,9 +286,10 @@ def make_model(config):
     """The UNet a configuration describes: conditional when config.num_classes is set."""
     if config.num_classes:
         return UNet_conditional(config.channels, config.channels, num_classes=config.num_classes,
-                                width=config.width, attention=config.attention, norm_groups=config.norm_groups)
+                                width=config.width, attention=config.attention, norm_groups=config.norm_groups,
+                                film=config.film)
     return UNet(config.channels, config.channels, width=config.width, attention=config.attention,
-                norm_groups=config.norm_groups)
+                norm_groups=config.norm_groups, film=config.film)
 
 
 def make_diffusion(config, device):

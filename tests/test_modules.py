@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules import EMA, DoubleConv, SelfAttention, UNet, UNet_conditional
+from modules import EMA, DoubleConv, Down, SelfAttention, UNet, UNet_conditional
 
 REFERENCE = Path(__file__).parent / "reference"
 
@@ -168,3 +168,16 @@ def test_norm_groups_normalise_each_group_and_keep_the_keys():
     assert [(k, v.shape) for k, v in grouped.items()] == [(k, v.shape) for k, v in tutorial.items()]
     with pytest.raises(ValueError, match="norm_groups=3: must divide width=16"):
         UNet(width=16, norm_groups=3)
+
+
+def test_film_scales_and_shifts_by_the_embedding():
+    """FILM: a Down block's output is x (1 + scale) + shift, scale and shift the halves of its projected embedding;
+    without it the embedding is added (the tutorial's, with its keys and shapes)."""
+    torch.manual_seed(0)
+    block, x, emb = Down(8, 16, emb_dim=32, film=True), torch.randn(2, 8, 16, 16), torch.randn(2, 32)
+    with torch.no_grad():
+        features = block.maxpool_conv(x)
+        scale, shift = block.emb_layer(emb)[:, :, None, None].chunk(2, dim=1)
+        assert torch.allclose(block(x, emb), features * (1 + scale) + shift, atol=1e-6)
+    assert block.emb_layer[1].weight.shape == (32, 32) and Down(8, 16, emb_dim=32).emb_layer[1].weight.shape == (16, 32)
+    assert UNet(width=16, film=True).state_dict().keys() == UNet(width=16).state_dict().keys()
