@@ -43,6 +43,7 @@ TIMESTEPS = "uniform"      # how training draws t: "uniform" (the tutorial's) or
 # --- training ---
 EPOCHS = 24
 BATCH_SIZE = 32
+GRAD_ACCUM = 1            # micro-batches of BATCH_SIZE per optimizer step (a big model on a small GPU): same result
 LR = 2e-3                 # peak learning rate; tutorial: 3e-4
 LR_WARMUP = 0             # steps of linear warm-up from 0 to LR; tutorial: 0
 LR_SCHEDULE = "constant"  # then "constant" (the tutorial's), or "cosine" / "linear" decay to 0 at the last step
@@ -234,19 +235,22 @@ def train_step(model, ema_model, ema, optimizer, diffusion, images, generator, c
     x_t, noise = diffusion.noise_images(x0, t, noise)
     if config.channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
-    with autocast(device, amp_dtype):
-        predicted = model(x_t, t)
-    loss = diffusion.loss(predicted, x0, noise, t)  # line 5
     optimizer.zero_grad(set_to_none=True)
+    micro, total = n // config.grad_accum, 0.0  # GRAD_ACCUM micro-batches: their gradients add up to the batch's
+    for part in (slice(i, i + micro) for i in range(0, n, micro)):
+        with autocast(device, amp_dtype):
+            predicted = model(x_t[part], t[part])
+        loss = diffusion.loss(predicted, x0[part], noise[part], t[part]) / config.grad_accum  # line 5
+        # float16: the loss scaled up so that small gradients do not flush to zero; inf/NaN gradients skip the step
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        total += loss.detach()
     if scaler is None:
-        loss.backward()
         optimizer.step()
-    else:  # float16: the loss scaled up so that small gradients do not flush to zero; inf/NaN gradients skip the step
-        scaler.scale(loss).backward()
+    else:
         scaler.step(optimizer)
         scaler.update()
     ema.step_ema(ema_model, model, config.ema_start)
-    return loss.detach()
+    return total
 
 
 def sample_grid(diffusion, ema_model, config, amp_dtype, device):

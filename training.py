@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "log_every", 
                      "compile", "num_workers", "data_dir", "cfg_scale"}
 # Settings that config.json files written by earlier versions lack, with the value those runs had.
 EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant",
-                    "norm_groups": 1, "film": False, "timesteps": "uniform"}
+                    "norm_groups": 1, "film": False, "timesteps": "uniform", "grad_accum": 1}
 
 
 def run_script(constants, train_step, sample_grid, conditional):
@@ -50,7 +50,7 @@ def train(config, train_step, sample_grid, conditional):
     c = argparse.Namespace(**vars(config))  # filled in below; the caller's stays as it was
     check_config(c, conditional)
     device, rank, world_size = setup_distributed(pick_device(c.device))
-    c.world_size = world_size  # processes (torchrun): the global batch is world_size * batch_size
+    c.world_size = world_size  # processes (torchrun): the global batch is world_size * batch_size * grad_accum
     try:
         return train_on(c, train_step, sample_grid, conditional, device, rank, world_size)
     finally:
@@ -59,9 +59,10 @@ def train(config, train_step, sample_grid, conditional):
 
 
 def train_on(c, train_step, sample_grid, conditional, device, rank, world_size):
-    """The loop. Under torchrun each process trains on its slice of every global batch of world_size * batch_size
-    images (DistributedDataParallel averages the gradients, so the weights, the optimizer and the EMA stay identical
-    on every process); only rank 0 writes files and shows progress."""
+    """The loop. Under torchrun each process trains on its slice of every global batch of world_size * batch_size *
+    grad_accum images (DistributedDataParallel averages the gradients, so the weights, the optimizer and the EMA stay
+    identical on every process); only rank 0 writes files and shows progress. Checkpoints are written between
+    optimizer steps only, never inside one step's micro-batches, so a resume is exact with GRAD_ACCUM too."""
     log = print if rank == 0 else lambda *args: None
     models_dir, results_dir = setup_logging(c.run_name)
     dataset = load_dataset(c.dataset, c.img_size, c.channels, "train", c.data_dir, c.num_images, c.seed)
@@ -78,10 +79,12 @@ def train_on(c, train_step, sample_grid, conditional, device, rank, world_size):
     train_model = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else run.model
     train_model = torch.compile(train_model) if c.compile else train_model
-    loader = get_data(dataset, c.batch_size, c.seed, c.num_workers, device, rank, world_size)
+    batch = c.batch_size * c.grad_accum  # images per optimizer step and process
+    loader = get_data(dataset, batch, c.seed, c.num_workers, device, rank, world_size)
     log(f"{len(dataset)} images, {len(loader)} steps per epoch, {sum(p.numel() for p in run.model.parameters()):,} "
         f"parameters, on {device}{f' with {str(run.amp)[6:]} autocast' if run.amp else ''}"
-        f"{f', {world_size} processes, global batch {world_size * c.batch_size}' if world_size > 1 else ''}")
+        f"{f', {world_size} processes, global batch {world_size * batch}' if world_size > 1 else ''}"
+        f"{f', {c.grad_accum} micro-batches of {c.batch_size} per step' if c.grad_accum > 1 else ''}")
 
     while run.epoch < c.epochs:
         loader.sampler.set_epoch(run.epoch, start=run.batch)
@@ -98,7 +101,7 @@ def train_on(c, train_step, sample_grid, conditional, device, rank, world_size):
             run.step, run.batch = run.step + 1, run.batch + 1
             save_now = c.save_every and run.step % c.save_every == 0 and run.batch < len(loader)
             if run.step % c.log_every == 0 or run.batch == len(loader) or save_now:
-                loss, rate = window.read(run.step, c.batch_size, models_dir)
+                loss, rate = window.read(run.step, batch, models_dir)
                 run.losses.append((run.step, loss))
                 progress.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{rate:.0f}")
             if save_now and rank == 0:
@@ -124,7 +127,7 @@ def check_config(c, conditional):
         raise UserError(f"norm_groups={c.norm_groups}: must divide width={c.width}")
     if not set(c.attention) <= {1, 2, 4, 8}:
         raise UserError(f"attention={c.attention}: factors must be among 1, 2, 4, 8")
-    for name in ("epochs", "batch_size", "noise_steps", "sample_steps", "log_every"):
+    for name in ("epochs", "batch_size", "grad_accum", "noise_steps", "sample_steps", "log_every"):
         if getattr(c, name) < 1:
             raise UserError(f"{name}={getattr(c, name)}: must be at least 1")
     if conditional and not 0 <= c.cfg_drop < 1:

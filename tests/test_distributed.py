@@ -1,5 +1,6 @@
-"""Training under torchrun: two CPU processes (gloo), each with half of every global batch, hold identical weights
-and compute what one process computes with the whole global batch, also across a stop and a resume."""
+"""Training under torchrun: two CPU processes (gloo), each with half of every global batch (in two micro-batches,
+GRAD_ACCUM 2), hold identical weights and compute what one process computes with the whole global batch in one
+piece, also across a stop and a resume."""
 import os
 import subprocess
 import sys
@@ -41,8 +42,9 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
         cwd.mkdir()
         (cwd / "worker.py").write_text(WORKER)
     run(single, "--batch_size", "16", "--epochs", "2")  # 3 steps of 16 images per epoch
-    run(double, "--batch_size", "8", "--epochs", "1", processes=2)  # 2 x 8 images per step, stopped after epoch 1
-    out = run(double, "--batch_size", "8", "--epochs", "2", processes=2)  # ... and resumed under torchrun
+    accumulate = ["--batch_size", "4", "--grad_accum", "2"]  # 2 processes x 2 micro-batches x 4 images per step
+    run(double, *accumulate, "--epochs", "1", processes=2)  # stopped after epoch 1
+    out = run(double, *accumulate, "--epochs", "2", processes=2)  # ... and resumed under torchrun
     assert out.count("resuming") == 1 and out.count("done:") == 1  # only rank 0 speaks
 
     rank0, rank1, reference = weights(double, 0), weights(double, 1), weights(single)

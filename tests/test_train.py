@@ -2,6 +2,7 @@
 weights (after a clean stop or a kill at any moment), stops on bad input with one clear line; the README's notebook
 cell samples from what it wrote."""
 import argparse
+import copy
 import json
 import math
 import os
@@ -185,11 +186,38 @@ class ConvModel(torch.nn.Module):
 
 def one_step(images, diffusion, flip=True, amp_dtype=None, scaler=None, model=None):
     model = model or ConvModel()
-    config = argparse.Namespace(flip=flip, channels_last=False, cfg_drop=0.1, ema_start=0)
+    config = argparse.Namespace(flip=flip, channels_last=False, cfg_drop=0.1, ema_start=0, grad_accum=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss = train_step(model, ConvModel(), EMA(0.9), optimizer, diffusion, images, torch.Generator().manual_seed(0),
                       config, amp_dtype, scaler=scaler)
     return loss, model
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_gradient_accumulation_equals_one_batch_of_all_micro_batches(conditional):
+    """GRAD_ACCUM = k: k micro-batches of b images give the loss and the gradients of one batch of k * b (the same
+    random draws), up to float rounding; with k = 1 the step is the plain one."""
+    import ddpm_conditional
+    from modules import UNet, UNet_conditional
+    step = ddpm_conditional.train_step if conditional else train_step
+    images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = (torch.arange(12) % 3,) if conditional else ()
+    diffusion = Diffusion(img_size=8, channels=1, device="cpu", prediction="v", loss_weighting="min_snr")
+    results = []
+    for k in (1, 3, 12):
+        torch.manual_seed(0)
+        model = UNet_conditional(1, 1, 32, 3, width=8, attention=(4,)) if conditional else UNet(1, 1, 32, width=8)
+        config = argparse.Namespace(flip=True, channels_last=False, cfg_drop=0.5, ema_start=0, grad_accum=k)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: compare the gradients
+        loss = step(model, copy.deepcopy(model), EMA(0.9), optimizer, diffusion, images, *labels,
+                    torch.Generator().manual_seed(0), config, None)
+        results.append((loss, [p.grad for p in model.parameters()]))
+    (loss, grads), others = results[0], results[1:]
+    for other_loss, other_grads in others:
+        assert other_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+        for g, other in zip(grads, other_grads):
+            torch.testing.assert_close(other, g, rtol=1e-4, atol=1e-6)
+    assert max(g.abs().max() for g in grads) > 1e-3  # gradients that could differ
 
 
 def test_training_flips_images_only_when_asked():
