@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from modules import EMA, UNet, UNet_conditional
 from utils import (UserError, amp_dtype, default_flip, get_data, image_size, load_dataset, pick_device,
-                   replace_atomically, save_images, save_loss_plot, setup_logging)
+                   replace_atomically, save_images, save_loss_plot, save_progress_gif, setup_logging)
 
 # Options that may change when a run resumes; any other difference means a different run.
 RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "log_every", "device", "amp", "channels_last",
@@ -111,6 +111,7 @@ def train_on(c, train_step, sample_grid, conditional, device, rank, world_size):
         if rank == 0:
             save_run(run, c, models_dir, device)
             save_images(sample_grid(run.diffusion, run.ema_model, c, run.amp, device), results_dir / f"{run.epoch}.jpg")
+            save_progress_gif(results_dir, run.epoch)
             save_loss_plot(run.losses, results_dir / "loss.png")
     log(f"done: {models_dir}/ema_ckpt.pt, sample grids in {results_dir}/")
     return run.model, run.ema_model

@@ -392,6 +392,21 @@ def save_images(images, path, nrow=8):
     replace_atomically(path, lambda tmp: image.save(tmp, format=Image.registered_extensions()[Path(path).suffix]))
 
 
+def write_gif(frames, path, ms_per_frame=200, hold_last_ms=2000):
+    """An animated GIF of PIL images, shown in order, looping, the last one held longer."""
+    durations = [ms_per_frame] * (len(frames) - 1) + [hold_last_ms]
+    replace_atomically(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                                        duration=durations, loop=0))
+
+
+def save_progress_gif(results_dir, epochs):
+    """results/<run>/progress.gif: the sample grids of epochs 1 .. `epochs` (1.jpg, 2.jpg, ...) in order."""
+    paths = [Path(results_dir) / f"{epoch}.jpg" for epoch in range(1, epochs + 1)]
+    frames = [Image.open(path) for path in paths if path.exists()]
+    if frames:
+        write_gif(frames, Path(results_dir) / "progress.gif")
+
+
 def save_loss_plot(losses, path):
     """losses: (step, mean loss) pairs."""
     from matplotlib.figure import Figure  # no pyplot: nothing is shown, no display needed

@@ -78,7 +78,7 @@ def test_script_writes_its_files_and_resumes_to_identical_weights(script, tmp_pa
     assert "48 images, 3 steps per epoch" in first.stdout
     models, results = tmp_path / "models" / RUN[script], tmp_path / "results" / RUN[script]
     assert {p.name for p in models.iterdir()} == {"ckpt.pt", "ema_ckpt.pt", "train_state.pt", "config.json"}
-    assert {p.name for p in results.iterdir()} == {"1.jpg", "2.jpg", "loss.png"}
+    assert {p.name for p in results.iterdir()} == {"1.jpg", "2.jpg", "loss.png", "progress.gif"}
     config = json.loads((models / "config.json").read_text())
     assert config["channels"] == 3 and config["num_classes"] == (6 if script == "ddpm_conditional.py" else None)
 
@@ -91,6 +91,12 @@ def test_script_writes_its_files_and_resumes_to_identical_weights(script, tmp_pa
 
     second = run(script, "--epochs", "3", cwd=tmp_path)  # the same command, more epochs: it resumes
     assert "resuming" in second.stdout and "at epoch 3, step 6" in second.stdout
+    with Image.open(results / "progress.gif") as gif:  # the epoch grids in order, the one of the resumed run too
+        assert gif.n_frames == 3 and gif.size == grid.size
+        gif.seek(2)
+        last = torch.tensor(list(gif.convert("RGB").getdata()), dtype=torch.float32)
+        jpg = torch.tensor(list(Image.open(results / "3.jpg").convert("RGB").getdata()), dtype=torch.float32)
+        assert (last - jpg).abs().mean() < 8  # the third frame is epoch 3's grid (up to the GIF's 256 colours)
     assert_same_training(final_state(tmp_path, script), final_state(uninterrupted[script], script))
     assert "nothing to do" in run(script, "--epochs", "3", cwd=tmp_path).stdout
 
