@@ -376,6 +376,8 @@ def parse_value(name, text, default, annotation=None):
         return float(value)  # --cfg_scale 7
     if tuple in types and type(value) is int:
         return (value,)  # --attention 8
+    if tuple in types and text.strip() == "":
+        return ()  # --attention= (none)
     if name == "img_size" and isinstance(value, tuple):
         return value  # (height, width)
     if str in types:

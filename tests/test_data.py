@@ -183,6 +183,8 @@ def test_constants_become_typed_command_line_options():
                                  "--attention", "8", "--channels", "1"])
     assert (c.img_size, c.lr, c.amp, c.dataset, c.attention, c.channels) == ((64, 128), 1, False, "data/my faces",
                                                                              (8,), 1)
+    assert parse_config(constants, ["--attention="]).attention == ()  # none
+    assert parse_config(constants, ["--attention", "()"]).attention == ()
     with pytest.raises(UserError, match=r"--lr fast: expected a value of type float \(the default is 0.0003\)"):
         parse_config(constants, ["--lr", "fast"])
     with pytest.raises(SystemExit):  # argparse: an option that no constant defines
