@@ -144,7 +144,8 @@ def benchmark(args):
         channels=args.channels, num_classes=args.num_classes if args.conditional else None, width=args.width,
         attention=attention, img_size=args.img_size, noise_steps=1000, beta_start=1e-4, beta_end=0.02,
         schedule="linear", prediction="eps", loss_weighting="none", min_snr_gamma=5.0, cfg_drop=0.1,
-        ema_start=0, channels_last=args.channels_last, flip=True, norm_groups=1, film=False, timesteps="uniform")
+        ema_start=0, channels_last=args.channels_last, flip=True, norm_groups=1, film=False, timesteps="uniform",
+        grad_accum=1)
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     model = make_model(config).to(device, memory_format=memory_format)
