@@ -30,8 +30,8 @@ FLIP: bool | None = None  # random horizontal flips; None: the dataset's (on, bu
 # --- model ---
 WIDTH = 16                # channels at full resolution; tutorial: 64
 ATTENTION = (8,)          # self-attention at these downsampling factors; tutorial: (1, 2, 4, 8), all six blocks
-NORM_GROUPS = 1           # GroupNorm groups in every convolution block; tutorial: 1
-FILM = False              # the time/label embedding as a per-channel scale and shift; tutorial: False (added)
+NORM_GROUPS = 8           # GroupNorm groups in every convolution block (must divide WIDTH); tutorial: 1
+FILM = True               # the time/label embedding as a per-channel scale and shift; tutorial: False (added)
 # --- diffusion ---
 NOISE_STEPS = 1000        # T
 BETA_START, BETA_END = 1e-4, 0.02
@@ -39,16 +39,16 @@ SCHEDULE = "cosine"       # "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et
 PREDICTION = "v"          # what the UNet predicts: "v" (Salimans & Ho 2022), "eps" (the tutorial's) or "x0"
 LOSS_WEIGHTING = "min_snr"  # "min_snr" (Hang et al. 2023) or "none" (plain MSE, the tutorial's)
 MIN_SNR_GAMMA = 5.0
-TIMESTEPS = "uniform"      # how training draws t: "uniform" (the tutorial's) or "logit_normal" (Esser et al. 2024)
+TIMESTEPS = "logit_normal"  # how training draws t: "logit_normal" (Esser et al. 2024) or "uniform" (the tutorial's)
 # --- training ---
 EPOCHS = 24
 BATCH_SIZE = 32
 GRAD_ACCUM = 1            # micro-batches of BATCH_SIZE per optimizer step (a big model on a small GPU): same result
 LR = 2e-3                 # peak learning rate; tutorial: 3e-4
-LR_WARMUP = 0             # steps of linear warm-up from 0 to LR; tutorial: 0
-LR_SCHEDULE = "constant"  # then "constant" (the tutorial's), or "cosine" / "linear" decay to 0 at the last step
-EMA_BETA = 0.995
-EMA_START = 1000          # steps during which the EMA model just copies the weights; tutorial: 2000
+LR_WARMUP = 200           # steps of linear warm-up from 0 to LR; tutorial: 0
+LR_SCHEDULE = "cosine"    # then "cosine" or "linear" decay to 0 at the last step, or "constant" (the tutorial's)
+EMA_BETA = 0.99           # EMA decay, matched to a short run; tutorial: 0.995
+EMA_START = 300           # steps during which the EMA model just copies the weights; tutorial: 2000
 SAMPLE_STEPS = 50         # DDIM steps for the sample grid written after each epoch
 SAVE_EVERY = 0            # also save every N steps within an epoch (0: only at the end of each epoch)
 LOG_EVERY = 25            # steps between loss readouts (each one waits for the device)

@@ -303,7 +303,7 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
 
 
 @pytest.mark.parametrize("args,difference", [
-    (["--width", "12"], "width=8, now 12"),
+    (["--width", "16"], "width=8, now 16"),
     (["--prediction", "eps"], "prediction='v', now 'eps'"),  # the checkpoint predicts v: not loaded as eps
 ])
 def test_resuming_with_other_settings_names_them(tmp_path, args, difference):
@@ -350,3 +350,18 @@ def test_readme_notebook_cell_samples_from_a_trained_checkpoint(tmp_path, monkey
     exec(readme_notebook_cell(), namespace)
     images = namespace["x"]
     assert images.dtype == torch.uint8 and images.shape == (namespace["n"], 3, 16, 16)
+
+
+def test_the_readme_command_for_the_tutorials_setting_gives_the_tutorials_setting():
+    """The demo's defaults depart from the tutorial; the README's CIFAR-10 command must undo every departure."""
+    import ddpm_conditional
+    from training import parse_config
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"python ddpm_conditional.py --run_name cifar64 (.*?)\n\n", readme, re.S)
+    assert match, "README.md has no command for the tutorial's setting"
+    config = parse_config(vars(ddpm_conditional), match.group(1).replace("\\\n", " ").split())
+    tutorial = dict(dataset="cifar10", img_size=64, width=64, attention=(1, 2, 4, 8), norm_groups=1, film=False,
+                    noise_steps=1000, beta_start=1e-4, beta_end=0.02, schedule="linear", prediction="eps",
+                    loss_weighting="none", timesteps="uniform", lr=3e-4, lr_warmup=0, lr_schedule="constant",
+                    ema_beta=0.995, ema_start=2000, grad_accum=1)
+    assert {k: getattr(config, k) for k in tutorial} == tutorial
