@@ -297,9 +297,21 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--device", "gpu"], "error: device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
     (["--amp", "fp8"], "error: amp='fp8': expected True (automatic), False, 'bf16' or 'fp16'"),
 ])
-def test_bad_input_is_one_clear_line(tmp_path, args, message):
-    result = run("ddpm_conditional.py", *args, cwd=tmp_path, expect_ok=False)
-    assert result.returncode == 1 and result.stderr.startswith(message) and result.stderr.count("\n") == 1
+def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args, message):
+    """In this process, as `python ddpm_conditional.py ...` runs it (the next test runs one case as a command)."""
+    import ddpm_conditional
+    from training import run_script
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", command("ddpm_conditional.py", *args)[1:])
+    with pytest.raises(SystemExit) as stop:  # sys.exit(text): the text on stderr, exit status 1
+        run_script(vars(ddpm_conditional), ddpm_conditional.train_step, ddpm_conditional.sample_grid, True)
+    assert str(stop.value).startswith(message) and "\n" not in str(stop.value)
+
+
+def test_bad_input_stops_the_command_with_one_line_and_status_1(tmp_path):
+    result = run("ddpm_conditional.py", "--epochs", "ten", cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: --epochs ten: expected a value of type int (the default is 24)")
 
 
 @pytest.mark.parametrize("args,difference", [
