@@ -141,50 +141,102 @@ class Diffusion:
         return (torch.sigmoid(u) * self.noise_steps).long().clamp(max=self.noise_steps - 1)
 
     @torch.inference_mode()
-    def sample(self, model, n, labels=None, cfg_scale=3, steps=None, generator=None, progress=True):
-        """n images as uint8 (n, C, H, W): ancestral sampling over all T steps (Algorithm 2), or deterministic DDIM
-        with `steps` steps. labels: class indices (n,) or multi-hot vectors (n, num_classes), or None for
-        unconditional samples; cfg_scale: classifier-free guidance weight (1: plain conditional, 0: unconditional)."""
+    def sample(self, model, n, labels=None, cfg_scale=3, steps=None, generator=None, progress=True, sampler="ddim",
+               frames_every=None):
+        """n images as uint8 (n, C, H, W): ancestral sampling over all T steps (Algorithm 2), or `steps` steps of
+        `sampler`: deterministic DDIM or DPM-Solver++(2M). labels: class indices (n,) or multi-hot vectors
+        (n, num_classes), or None for unconditional samples; cfg_scale: classifier-free guidance weight (1: plain
+        conditional, 0: unconditional). frames_every=k: returns (images, frames), frames being the predicted x_0 as
+        uint8 images every k steps and at the last (the images): a denoising animation (utils.save_frames_gif)."""
         x = torch.randn((n, self.channels, *self.img_size), device=self.device, generator=generator)
-        x = self.denoise(model, x, labels, cfg_scale, steps, generator, progress)
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        out = self.denoise(model, x, labels, cfg_scale, steps, generator, progress, sampler, frames_every=frames_every)
+        return (to_images(out[0]), out[1]) if frames_every else to_images(out)
 
     @torch.inference_mode()
-    def denoise(self, model, x, labels=None, cfg_scale=3, steps=None, generator=None, progress=False):
-        """Run the reverse process from the noise x = x_T down to x_0 (float, about [-1, 1])."""
+    def denoise(self, model, x, labels=None, cfg_scale=3, steps=None, generator=None, progress=False, sampler="ddim",
+                start=None, frames_every=None):
+        """Run the reverse process from x = x_t at timestep index `start` (None: T - 1, pure noise) down to x_0
+        (float, about [-1, 1]); with frames_every=k, returns (x_0, frames) as sample does."""
         labels = self.check_labels(model, labels, len(x))
-        T = self.noise_steps
-        ancestral = steps is None or steps == T
-        if not ancestral and not 1 <= steps <= T:
-            raise UserError(f"steps={steps}: expected 1 .. {T} (or None for all T ancestral steps)")
-        timesteps = list(range(T - 1, -1, -1)) if ancestral else self.ddim_timesteps(steps)
+        start = self.noise_steps - 1 if start is None else start
+        ancestral = steps is None or steps == self.noise_steps
+        timesteps = list(range(start, -1, -1)) if ancestral else self.sampler_timesteps(steps, sampler, start)
         was_training = model.training
         model.eval()
+        frames, previous = [], None  # previous: DPM-Solver++'s last (x_0 prediction, lambda)
         for i, step in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
-            t = torch.full((len(x),), step, device=x.device, dtype=torch.long)
-            output = self.guided_output(model, x, t, labels, cfg_scale).float()
-            alpha_hat, beta = self.alpha_hat_list[step], self.beta_list[step]
+            alpha_hat = self.alpha_hat_list[step]
             alpha_hat_next = self.alpha_hat_list[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
-            # The predicted x_0, clipped to the data range as in the paper's released code: from eps it divides by
-            # sqrt(alpha_hat) ~ 0.006 at high noise, and a young model's small eps errors would throw it far out.
-            x0 = self.predicted_x0(output, x, alpha_hat).clamp(-1, 1)
-            if ancestral:  # Algorithm 2, line 4, as the posterior mean of eq. 7 (the same when x_0 is not clipped)
-                x = (math.sqrt(alpha_hat_next) * beta * x0
-                     + math.sqrt(1 - beta) * (1 - alpha_hat_next) * x) / (1 - alpha_hat)
-                if step > 0:  # sigma_t^2 = beta_t
-                    x = x + math.sqrt(beta) * torch.randn(x.shape, device=x.device, generator=generator)
-            else:  # DDIM with eta = 0 (Song et al. 2021, eq. 12), with the eps that matches the clipped x_0
-                eps = (x - math.sqrt(alpha_hat) * x0) / math.sqrt(1 - alpha_hat)
-                x = math.sqrt(alpha_hat_next) * x0 + math.sqrt(1 - alpha_hat_next) * eps
+            x0 = self.denoised(model, x, step, labels, cfg_scale)
+            if frames_every and (i % frames_every == 0 or i == len(timesteps) - 1):
+                frames.append(to_images(x0))  # at the last step x_0 is what the step returns
+            if ancestral:  # Algorithm 2, line 4, with sigma_t^2 = beta_t
+                x = self.posterior_mean(x, x0, alpha_hat, alpha_hat_next)
+                if step > 0:
+                    x = x + math.sqrt(self.beta_list[step]) * torch.randn(x.shape, device=x.device, generator=generator)
+            else:
+                # DDIM with eta = 0 (Song et al. 2021, eq. 12) is DPM-Solver++'s first-order step (Lu et al. 2022):
+                # x' = (sigma' / sigma) x + alpha' (1 - e^-h) D with D = x_0, alpha = sqrt(alpha_hat),
+                # sigma = sqrt(1 - alpha_hat), h = lambda' - lambda, lambda = log(alpha / sigma). DPM-Solver++(2M)
+                # (their Algorithm 2) takes D = (1 + 1/2r) x_0 - 1/2r x_0_prev, r = h_prev / h, but at the first
+                # step (no x_0_prev) and the last one (to x_0 itself: lambda' = infinity, r = 0).
+                sigma_ratio = math.sqrt((1 - alpha_hat_next) / (1 - alpha_hat))
+                D = x0
+                if sampler == "dpm++" and previous is not None and alpha_hat_next < 1:
+                    r = (self.logsnr(step) - previous[1]) / (self.logsnr(timesteps[i + 1]) - self.logsnr(step))
+                    D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous[0]
+                x = sigma_ratio * x + (math.sqrt(alpha_hat_next) - math.sqrt(alpha_hat) * sigma_ratio) * D
+                previous = x0, self.logsnr(step)
         model.train(was_training)
-        return x
+        return (x, frames) if frames_every else x
 
-    def ddim_timesteps(self, steps):
-        """`steps` distinct timesteps from T-1 down to 0, spaced quadratically: dense at low noise, where the
-        first-order DDIM step loses most (Song et al. 2021, appendix D.2, as for their CIFAR-10 model)."""
-        t = [int((self.noise_steps - 1) * f * f) for f in torch.linspace(1, 0, steps).tolist()]
+    def denoised(self, model, x, step, labels, cfg_scale):
+        """The x_0 that the guided network predicts from x = x_t at timestep index `step`, clipped to the data range
+        as in the paper's released code: from eps it divides by sqrt(alpha_hat) ~ 0.006 at high noise, and a young
+        model's small eps errors would throw it far out."""
+        t = torch.full((len(x),), step, device=x.device, dtype=torch.long)
+        output = self.guided_output(model, x, t, labels, cfg_scale).float()
+        return self.predicted_x0(output, x, self.alpha_hat_list[step]).clamp(-1, 1)
+
+    def posterior_mean(self, x, x0, alpha_hat, alpha_hat_next):
+        """The mean of q(x_t' | x_t, x_0) (Ho et al. 2020, eq. 7) for a step from x = x_t down to t' < t, with the
+        beta of the jump, 1 - alpha_hat_t / alpha_hat_t' (beta_t when t' = t - 1)."""
+        beta = 1 - alpha_hat / alpha_hat_next
+        return (math.sqrt(alpha_hat_next) * beta * x0
+                + math.sqrt(1 - beta) * (1 - alpha_hat_next) * x) / (1 - alpha_hat)
+
+    def logsnr(self, step):
+        """lambda_t = log(alpha_t / sigma_t) = log(sqrt(alpha_hat_t / (1 - alpha_hat_t))), the half log-SNR."""
+        return 0.5 * math.log(self.alpha_hat_list[step] / (1 - self.alpha_hat_list[step]))
+
+    def sampler_timesteps(self, steps, sampler, start):
+        """The `steps` timesteps that `sampler` visits from `start` down to 0."""
+        check_sampler(sampler)
+        if not 1 <= steps <= start + 1:
+            raise UserError(f"steps={steps}: expected 1 .. {start + 1} (or None for all T ancestral steps)")
+        return self.ddim_timesteps(steps, start) if sampler == "ddim" else self.dpm_timesteps(steps, start)
+
+    def ddim_timesteps(self, steps, start=None):
+        """`steps` distinct timesteps from `start` (None: T-1) down to 0, spaced quadratically: dense at low noise,
+        where the first-order DDIM step loses most (Song et al. 2021, appendix D.2, as for their CIFAR-10 model)."""
+        start = self.noise_steps - 1 if start is None else start
+        t = [int(start * f * f) for f in torch.linspace(1, 0, steps).tolist()]
         for k in range(steps - 2, -1, -1):
             t[k] = max(t[k], t[k + 1] + 1)  # rounding down repeats small timesteps: keep every step distinct
+        return t
+
+    def dpm_timesteps(self, steps, start):
+        """`steps` distinct timesteps from `start` down to 0, uniform in lambda = log(alpha / sigma), as DPM-Solver
+        (Lu et al. 2022) recommends for pixel-space models: the nearest timestep to
+        each point, then moved where needed to keep them distinct. The noisy end is clipped at lambda = -5.1
+        (diffusers' lambda_min_clipped): the cosine schedule's last beta of 0.999 puts lambda(T) at -9.9, and
+        uniform steps from there would spend a third of them on pure noise. The first step is still at `start`."""
+        lam = torch.tensor([self.logsnr(s) for s in range(start + 1)], dtype=torch.float64)
+        points = torch.linspace(max(lam[start].item(), -5.1), lam[0].item(), steps, dtype=torch.float64)
+        t = (lam[None] - points[:, None]).abs().argmin(1).tolist()
+        t[0] = start
+        for k in range(steps - 2, -1, -1):
+            t[k] = min(max(t[k], t[k + 1] + 1), start - k)  # distinct, leaving room for the k steps before it
         return t
 
     def guided_output(self, model, x, t, labels, cfg_scale):
@@ -214,6 +266,16 @@ class Diffusion:
             raise UserError(f"label {labels.max().item()} is outside the model's {num_classes} classes "
                             f"(0 .. {num_classes - 1})")
         return labels
+
+
+def check_sampler(sampler):
+    if sampler not in ("ddim", "dpm++"):
+        raise UserError(f"sampler '{sampler}': expected 'ddim' or 'dpm++'")
+
+
+def to_images(x):
+    """Floats in [-1, 1] -> uint8 images in [0, 255], rounded."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
