@@ -49,7 +49,8 @@ LR_WARMUP = 0             # steps of linear warm-up from 0 to LR; tutorial: 0
 LR_SCHEDULE = "constant"  # then "constant" (the tutorial's), or "cosine" / "linear" decay to 0 at the last step
 EMA_BETA = 0.995
 EMA_START = 1000          # steps during which the EMA model just copies the weights; tutorial: 2000
-SAMPLE_STEPS = 50         # DDIM steps for the sample grid written after each epoch
+SAMPLE_STEPS = 50         # sampler steps for the sample grid written after each epoch
+SAMPLER = "ddim"          # its sampler: "ddim" or "dpm++" (DPM-Solver++(2M)); tutorial: ancestral, 1000 steps
 SAVE_EVERY = 0            # also save every N steps within an epoch (0: only at the end of each epoch)
 LOG_EVERY = 25            # steps between loss readouts (each one waits for the device)
 SEED = 0
@@ -285,7 +286,7 @@ class Diffusion:
                 x0 = self.denoised(model, x, step, labels, cfg_scale)
                 variance = (1 - alpha_hat_next) / (1 - alpha_hat) * (1 - alpha_hat / alpha_hat_next)  # beta tilde
                 unknown = self.posterior_mean(x, x0, alpha_hat, alpha_hat_next) + math.sqrt(variance) * randn()
-                known_t = math.sqrt(alpha_hat_next) * known + math.sqrt(1 - alpha_hat_next) * randn()  # the known pixels at t'
+                known_t = math.sqrt(alpha_hat_next) * known + math.sqrt(1 - alpha_hat_next) * randn()  # at t'
                 x = mask * known_t + (1 - mask) * unknown
         model.train(was_training)
         return to_images(x)
@@ -378,7 +379,8 @@ def sample_grid(diffusion, ema_model, config, amp_dtype, device):
     """The 8 x 8 images written after each epoch, from the same noise every epoch (so the grids show progress)."""
     generator = torch.Generator(device).manual_seed(config.seed)
     with autocast(device, amp_dtype):
-        return diffusion.sample(ema_model, 64, steps=config.sample_steps, generator=generator, progress=False)
+        return diffusion.sample(ema_model, 64, steps=config.sample_steps, generator=generator, progress=False,
+                                sampler=config.sampler)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ddpm import Diffusion, train_step
 from modules import EMA
-from utils import default_flip
+from utils import UserError, default_flip
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--num_images", "48", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
@@ -135,16 +135,30 @@ def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, sched
 
 def test_resuming_with_other_machine_settings_continues_the_same_run(tmp_path, uninterrupted):
     """Settings that change where and how often, not what is computed (the device named, the loss readouts, the
-    grid's sampler steps) may change on resume: the run ends with the uninterrupted run's weights, bit for bit."""
+    grid's sampler and its steps) may change on resume: the run ends with the uninterrupted run's weights, bit for
+    bit."""
     run("ddpm_conditional.py", "--epochs", "2", cwd=tmp_path)
     second = run("ddpm_conditional.py", "--epochs", "3", "--device", "cpu", "--log_every", "2", "--sample_steps", "3",
-                 cwd=tmp_path)
+                 "--sampler", "dpm++", cwd=tmp_path)
     assert "resuming" in second.stdout and "new stream" not in second.stdout
     resumed, reference = final_state(tmp_path, "ddpm_conditional.py"), final_state(uninterrupted["ddpm_conditional.py"],
                                                                                    "ddpm_conditional.py")
     for part in ("model", "ema_model"):
         assert all(torch.equal(resumed[part][k], reference[part][k]) for k in reference[part]), part
-    assert json.loads((tmp_path / "models" / "DDPM_conditional" / "config.json").read_text())["sample_steps"] == 3
+    config = json.loads((tmp_path / "models" / "DDPM_conditional" / "config.json").read_text())
+    assert config["sample_steps"] == 3 and config["sampler"] == "dpm++"
+
+
+def test_sampler_option_is_checked_first_and_old_runs_read_as_ddim(tmp_path):
+    """--sampler is refused with one line before anything starts; a config.json written before SAMPLER existed
+    reads as the DDIM grid those runs had."""
+    import ddpm_conditional
+    from training import check_config, parse_config, read_config
+    config = parse_config(vars(ddpm_conditional), ["--sampler", "plms"])
+    with pytest.raises(UserError, match=r"^sampler 'plms': expected 'ddim' or 'dpm\+\+'$"):
+        check_config(config, conditional=True)
+    (tmp_path / "config.json").write_text(json.dumps({"sample_steps": 50}))
+    assert read_config(tmp_path).sampler == "ddim"
 
 
 def test_a_run_saved_on_another_device_resumes_with_a_new_random_stream(tmp_path):
