@@ -3,8 +3,8 @@
     python ddpm.py                                   # the built-in "shapes" data, no download
     python ddpm.py --dataset cifar10 --img_size 64   # every UPPERCASE constant below is an option
 
-Below the constants: Diffusion (the forward process, Algorithm 2 and DDIM sampling, classifier-free guidance), then
-the training step (Algorithm 1) and the sample grid. Checkpoints go to models/<RUN_NAME>/, sample grids and the loss
+Below the constants: Diffusion (the forward process, Algorithm 2, DDIM and DPM-Solver++ sampling, classifier-free
+guidance, RePaint inpainting and SDEdit img2img), then the training step (Algorithm 1) and the sample grid. Checkpoints go to models/<RUN_NAME>/, sample grids and the loss
 curve to results/<RUN_NAME>/; running the same command again resumes (the loop, checkpoints and torchrun are in
 training.py). `torchrun --nproc_per_node=N ddpm.py ...` trains on N processes (GPUs) with DistributedDataParallel.
 """

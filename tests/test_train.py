@@ -349,18 +349,27 @@ def test_the_tutorials_notebook_lines_work():
     assert x.shape == (4, 3, 8, 8) and x.dtype == torch.uint8
 
 
-def readme_notebook_cell():
+def readme_notebook_cells():
     readme = (REPO / "README.md").read_text()
-    match = re.search(r"<!-- notebook cell -->\s*```python\n(.*?)```", readme, re.S)
-    assert match, "README.md has no notebook cell"
-    return match.group(1)
+    cells = re.findall(r"<!-- notebook cell -->\s*```python\n(.*?)```", readme, re.S)
+    assert cells, "README.md has no notebook cell"
+    return cells
 
 
-def test_readme_notebook_cell_samples_from_a_trained_checkpoint(tmp_path, monkeypatch, uninterrupted):
+def test_readme_notebook_cells_sample_from_a_trained_checkpoint(tmp_path, monkeypatch, uninterrupted):
+    """The README's cells in order, as a notebook runs them: sampling (DDIM, then DPM++), the denoising GIF,
+    inpainting (the kept half comes back as it was) and img2img."""
     import matplotlib
     matplotlib.use("Agg")  # plt.show() draws nowhere
     monkeypatch.chdir(uninterrupted["ddpm_conditional.py"])
     namespace = {}
-    exec(readme_notebook_cell(), namespace)
+    first, *others = readme_notebook_cells()
+    exec(first, namespace)
     images = namespace["x"]
     assert images.dtype == torch.uint8 and images.shape == (namespace["n"], 3, 16, 16)
+    for cell in others:
+        exec(cell, namespace)
+    n, frames, real, filled = namespace["n"], namespace["frames"], namespace["real"], namespace["filled"]
+    assert Image.open("denoising.gif").n_frames > 1 and frames[-1].shape == (n, 3, 16, 16)
+    assert filled.shape == (n, 3, 16, 16) and torch.equal(filled[..., :8], real.images[..., :8])
+    assert namespace["x"].shape == namespace["circles"].shape == (n, 3, 16, 16)
