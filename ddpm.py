@@ -4,9 +4,10 @@
     python ddpm.py --dataset cifar10 --img_size 64   # every UPPERCASE constant below is an option
 
 Below the constants: Diffusion (the forward process, Algorithm 2, DDIM and DPM-Solver++ sampling, classifier-free
-guidance, RePaint inpainting and SDEdit img2img), then the training step (Algorithm 1) and the sample grid. Checkpoints go to models/<RUN_NAME>/, sample grids and the loss
-curve to results/<RUN_NAME>/; running the same command again resumes (the loop, checkpoints and torchrun are in
-training.py). `torchrun --nproc_per_node=N ddpm.py ...` trains on N processes (GPUs) with DistributedDataParallel.
+guidance, RePaint inpainting and SDEdit img2img), then the training step (Algorithm 1) and the sample grid.
+Checkpoints go to models/<RUN_NAME>/, sample grids and the loss curve to results/<RUN_NAME>/; running the same
+command again resumes (the loop, checkpoints and torchrun are in training.py).
+`torchrun --nproc_per_node=N ddpm.py ...` trains on N processes (GPUs) with DistributedDataParallel.
 """
 import math
 
@@ -159,6 +160,7 @@ class Diffusion:
         """Run the reverse process from x = x_t at timestep index `start` (None: T - 1, pure noise) down to x_0
         (float, about [-1, 1]); with frames_every=k, returns (x_0, frames) as sample does."""
         labels = self.check_labels(model, labels, len(x))
+        check_sampler(sampler)
         start = self.noise_steps - 1 if start is None else start
         ancestral = steps is None or steps == self.noise_steps
         timesteps = list(range(start, -1, -1)) if ancestral else self.sampler_timesteps(steps, sampler, start)
@@ -171,7 +173,7 @@ class Diffusion:
             x0 = self.denoised(model, x, step, labels, cfg_scale)
             if frames_every and (i % frames_every == 0 or i == len(timesteps) - 1):
                 frames.append(to_images(x0))  # at the last step x_0 is what the step returns
-            if ancestral:  # Algorithm 2, line 4, with sigma_t^2 = beta_t
+            if ancestral:  # Algorithm 2, line 4, as the posterior mean of eq. 7, with sigma_t^2 = beta_t
                 x = self.posterior_mean(x, x0, alpha_hat, alpha_hat_next)
                 if step > 0:
                     x = x + math.sqrt(self.beta_list[step]) * torch.randn(x.shape, device=x.device, generator=generator)
@@ -212,7 +214,6 @@ class Diffusion:
 
     def sampler_timesteps(self, steps, sampler, start):
         """The `steps` timesteps that `sampler` visits from `start` down to 0."""
-        check_sampler(sampler)
         if not 1 <= steps <= start + 1:
             raise UserError(f"steps={steps}: expected 1 .. {start + 1} (or None for all T ancestral steps)")
         return self.ddim_timesteps(steps, start) if sampler == "ddim" else self.dpm_timesteps(steps, start)
@@ -228,10 +229,10 @@ class Diffusion:
 
     def dpm_timesteps(self, steps, start):
         """`steps` distinct timesteps from `start` down to 0, uniform in lambda = log(alpha / sigma), as DPM-Solver
-        (Lu et al. 2022) recommends for pixel-space models: the nearest timestep to
-        each point, then moved where needed to keep them distinct. The noisy end is clipped at lambda = -5.1
-        (diffusers' lambda_min_clipped): the cosine schedule's last beta of 0.999 puts lambda(T) at -9.9, and
-        uniform steps from there would spend a third of them on pure noise. The first step is still at `start`."""
+        (Lu et al. 2022) recommends for pixel-space models: the nearest timestep to each point, then moved where
+        needed to keep them distinct. The noisy end is clipped at lambda = -5.1 (diffusers' lambda_min_clipped): the
+        cosine schedule's last beta of 0.999 puts lambda(T) at -9.9, and uniform steps from there would spend a third
+        of them on pure noise. The first step is still at `start`."""
         lam = torch.tensor([self.logsnr(s) for s in range(start + 1)], dtype=torch.float64)
         points = torch.linspace(max(lam[start].item(), -5.1), lam[0].item(), steps, dtype=torch.float64)
         t = (lam[None] - points[:, None]).abs().argmin(1).tolist()

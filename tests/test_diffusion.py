@@ -337,8 +337,9 @@ def test_dpm_timesteps_are_distinct_and_reach_every_timestep():
         t = diffusion.dpm_timesteps(steps, 49)
         assert len(t) == steps and t[0] == 49 and t[-1] == 0 and all(a > b for a, b in zip(t, t[1:]))
     assert diffusion.dpm_timesteps(50, 49) == list(range(49, -1, -1))
-    with pytest.raises(UserError, match=r"sampler 'dpm': expected 'ddim' or 'dpm\+\+'"):
-        diffusion.denoise(GaussianEps(diffusion, MU, STD), torch.randn(1, 3, 8, 8), steps=5, sampler="dpm")
+    for steps in (5, None):  # also where it would not be used (None: all T ancestral steps)
+        with pytest.raises(UserError, match=r"sampler 'dpm': expected 'ddim' or 'dpm\+\+'"):
+            diffusion.denoise(GaussianEps(diffusion, MU, STD), torch.randn(1, 3, 8, 8), steps=steps, sampler="dpm")
 
 
 def test_sample_returns_the_predicted_x0_every_k_steps_for_an_animation(tmp_path):
