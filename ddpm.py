@@ -3,10 +3,11 @@
     python ddpm.py                                   # the built-in "shapes" data, no download
     python ddpm.py --dataset cifar10 --img_size 64   # every UPPERCASE constant below is an option
 
-Below the constants: Diffusion (the forward process, Algorithm 2 and DDIM sampling, classifier-free guidance), then
-the training step (Algorithm 1) and the sample grid. Checkpoints go to models/<RUN_NAME>/, sample grids and the loss
-curve to results/<RUN_NAME>/; running the same command again resumes (the loop, checkpoints and torchrun are in
-training.py). `torchrun --nproc_per_node=N ddpm.py ...` trains on N processes (GPUs) with DistributedDataParallel.
+Below the constants: Diffusion (the forward process, Algorithm 2, DDIM and DPM-Solver++ sampling, classifier-free
+guidance, RePaint inpainting and SDEdit img2img), then the training step (Algorithm 1) and the sample grid.
+Checkpoints go to models/<RUN_NAME>/, sample grids and the loss curve to results/<RUN_NAME>/; running the same
+command again resumes (the loop, checkpoints and torchrun are in training.py).
+`torchrun --nproc_per_node=N ddpm.py ...` trains on N processes (GPUs) with DistributedDataParallel.
 """
 import math
 
@@ -49,7 +50,8 @@ LR_WARMUP = 200           # steps of linear warm-up from 0 to LR; tutorial: 0
 LR_SCHEDULE = "cosine"    # then "cosine" or "linear" decay to 0 at the last step, or "constant" (the tutorial's)
 EMA_BETA = 0.99           # EMA decay, matched to a short run; tutorial: 0.995
 EMA_START = 300           # steps during which the EMA model just copies the weights; tutorial: 2000
-SAMPLE_STEPS = 50         # DDIM steps for the sample grid written after each epoch
+SAMPLE_STEPS = 50         # sampler steps for the sample grid written after each epoch
+SAMPLER = "ddim"          # its sampler: "ddim" or "dpm++" (DPM-Solver++(2M)); tutorial: ancestral, 1000 steps
 SAVE_EVERY = 0            # also save every N steps within an epoch (0: only at the end of each epoch)
 LOG_EVERY = 25            # steps between loss readouts (each one waits for the device)
 SEED = 0
@@ -141,51 +143,162 @@ class Diffusion:
         return (torch.sigmoid(u) * self.noise_steps).long().clamp(max=self.noise_steps - 1)
 
     @torch.inference_mode()
-    def sample(self, model, n, labels=None, cfg_scale=3, steps=None, generator=None, progress=True):
-        """n images as uint8 (n, C, H, W): ancestral sampling over all T steps (Algorithm 2), or deterministic DDIM
-        with `steps` steps. labels: class indices (n,) or multi-hot vectors (n, num_classes), or None for
-        unconditional samples; cfg_scale: classifier-free guidance weight (1: plain conditional, 0: unconditional)."""
+    def sample(self, model, n, labels=None, cfg_scale=3, steps=None, generator=None, progress=True, sampler="ddim",
+               frames_every=None):
+        """n images as uint8 (n, C, H, W): ancestral sampling over all T steps (Algorithm 2), or `steps` steps of
+        `sampler`: deterministic DDIM or DPM-Solver++(2M). labels: class indices (n,) or multi-hot vectors
+        (n, num_classes), or None for unconditional samples; cfg_scale: classifier-free guidance weight (1: plain
+        conditional, 0: unconditional). frames_every=k: returns (images, frames), frames being the predicted x_0 as
+        uint8 images every k steps and at the last (the images): a denoising animation (utils.save_frames_gif)."""
         x = torch.randn((n, self.channels, *self.img_size), device=self.device, generator=generator)
-        x = self.denoise(model, x, labels, cfg_scale, steps, generator, progress)
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        out = self.denoise(model, x, labels, cfg_scale, steps, generator, progress, sampler, frames_every=frames_every)
+        return (to_images(out[0]), out[1]) if frames_every else to_images(out)
 
     @torch.inference_mode()
-    def denoise(self, model, x, labels=None, cfg_scale=3, steps=None, generator=None, progress=False):
-        """Run the reverse process from the noise x = x_T down to x_0 (float, about [-1, 1])."""
+    def denoise(self, model, x, labels=None, cfg_scale=3, steps=None, generator=None, progress=False, sampler="ddim",
+                start=None, frames_every=None):
+        """Run the reverse process from x = x_t at timestep index `start` (None: T - 1, pure noise) down to x_0
+        (float, about [-1, 1]); with frames_every=k, returns (x_0, frames) as sample does."""
         labels = self.check_labels(model, labels, len(x))
-        T = self.noise_steps
-        ancestral = steps is None or steps == T
-        if not ancestral and not 1 <= steps <= T:
-            raise UserError(f"steps={steps}: expected 1 .. {T} (or None for all T ancestral steps)")
-        timesteps = list(range(T - 1, -1, -1)) if ancestral else self.ddim_timesteps(steps)
+        check_sampler(sampler)
+        start = self.noise_steps - 1 if start is None else start
+        ancestral = steps is None or steps == self.noise_steps
+        timesteps = list(range(start, -1, -1)) if ancestral else self.sampler_timesteps(steps, sampler, start)
         was_training = model.training
         model.eval()
+        frames, previous = [], None  # previous: DPM-Solver++'s last (x_0 prediction, lambda)
         for i, step in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
-            t = torch.full((len(x),), step, device=x.device, dtype=torch.long)
-            output = self.guided_output(model, x, t, labels, cfg_scale).float()
-            alpha_hat, beta = self.alpha_hat_list[step], self.beta_list[step]
+            alpha_hat = self.alpha_hat_list[step]
             alpha_hat_next = self.alpha_hat_list[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
-            # The predicted x_0, clipped to the data range as in the paper's released code: from eps it divides by
-            # sqrt(alpha_hat) ~ 0.006 at high noise, and a young model's small eps errors would throw it far out.
-            x0 = self.predicted_x0(output, x, alpha_hat).clamp(-1, 1)
-            if ancestral:  # Algorithm 2, line 4, as the posterior mean of eq. 7 (the same when x_0 is not clipped)
-                x = (math.sqrt(alpha_hat_next) * beta * x0
-                     + math.sqrt(1 - beta) * (1 - alpha_hat_next) * x) / (1 - alpha_hat)
-                if step > 0:  # sigma_t^2 = beta_t
-                    x = x + math.sqrt(beta) * torch.randn(x.shape, device=x.device, generator=generator)
-            else:  # DDIM with eta = 0 (Song et al. 2021, eq. 12), with the eps that matches the clipped x_0
-                eps = (x - math.sqrt(alpha_hat) * x0) / math.sqrt(1 - alpha_hat)
-                x = math.sqrt(alpha_hat_next) * x0 + math.sqrt(1 - alpha_hat_next) * eps
+            x0 = self.denoised(model, x, step, labels, cfg_scale)
+            if frames_every and (i % frames_every == 0 or i == len(timesteps) - 1):
+                frames.append(to_images(x0))  # at the last step x_0 is what the step returns
+            if ancestral:  # Algorithm 2, line 4, as the posterior mean of eq. 7, with sigma_t^2 = beta_t
+                x = self.posterior_mean(x, x0, alpha_hat, alpha_hat_next)
+                if step > 0:
+                    x = x + math.sqrt(self.beta_list[step]) * torch.randn(x.shape, device=x.device, generator=generator)
+            else:
+                # DDIM with eta = 0 (Song et al. 2021, eq. 12) is DPM-Solver++'s first-order step (Lu et al. 2022):
+                # x' = (sigma' / sigma) x + alpha' (1 - e^-h) D with D = x_0, alpha = sqrt(alpha_hat),
+                # sigma = sqrt(1 - alpha_hat), h = lambda' - lambda, lambda = log(alpha / sigma). DPM-Solver++(2M)
+                # (their Algorithm 2) takes D = (1 + 1/2r) x_0 - 1/2r x_0_prev, r = h_prev / h, but at the first
+                # step (no x_0_prev) and the last one (to x_0 itself: lambda' = infinity, r = 0).
+                sigma_ratio = math.sqrt((1 - alpha_hat_next) / (1 - alpha_hat))
+                D = x0
+                if sampler == "dpm++" and previous is not None and alpha_hat_next < 1:
+                    r = (self.logsnr(step) - previous[1]) / (self.logsnr(timesteps[i + 1]) - self.logsnr(step))
+                    D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous[0]
+                x = sigma_ratio * x + (math.sqrt(alpha_hat_next) - math.sqrt(alpha_hat) * sigma_ratio) * D
+                previous = x0, self.logsnr(step)
         model.train(was_training)
-        return x
+        return (x, frames) if frames_every else x
 
-    def ddim_timesteps(self, steps):
-        """`steps` distinct timesteps from T-1 down to 0, spaced quadratically: dense at low noise, where the
-        first-order DDIM step loses most (Song et al. 2021, appendix D.2, as for their CIFAR-10 model)."""
-        t = [int((self.noise_steps - 1) * f * f) for f in torch.linspace(1, 0, steps).tolist()]
+    def denoised(self, model, x, step, labels, cfg_scale):
+        """The x_0 that the guided network predicts from x = x_t at timestep index `step`, clipped to the data range
+        as in the paper's released code: from eps it divides by sqrt(alpha_hat) ~ 0.006 at high noise, and a young
+        model's small eps errors would throw it far out."""
+        t = torch.full((len(x),), step, device=x.device, dtype=torch.long)
+        output = self.guided_output(model, x, t, labels, cfg_scale).float()
+        return self.predicted_x0(output, x, self.alpha_hat_list[step]).clamp(-1, 1)
+
+    def posterior_mean(self, x, x0, alpha_hat, alpha_hat_next):
+        """The mean of q(x_t' | x_t, x_0) (Ho et al. 2020, eq. 7) for a step from x = x_t down to t' < t, with the
+        beta of the jump, 1 - alpha_hat_t / alpha_hat_t' (beta_t when t' = t - 1)."""
+        beta = 1 - alpha_hat / alpha_hat_next
+        return (math.sqrt(alpha_hat_next) * beta * x0
+                + math.sqrt(1 - beta) * (1 - alpha_hat_next) * x) / (1 - alpha_hat)
+
+    def logsnr(self, step):
+        """lambda_t = log(alpha_t / sigma_t) = log(sqrt(alpha_hat_t / (1 - alpha_hat_t))), the half log-SNR."""
+        return 0.5 * math.log(self.alpha_hat_list[step] / (1 - self.alpha_hat_list[step]))
+
+    def sampler_timesteps(self, steps, sampler, start):
+        """The `steps` timesteps that `sampler` visits from `start` down to 0."""
+        if not 1 <= steps <= start + 1:
+            raise UserError(f"steps={steps}: expected 1 .. {start + 1} (or None for all T ancestral steps)")
+        return self.ddim_timesteps(steps, start) if sampler == "ddim" else self.dpm_timesteps(steps, start)
+
+    def ddim_timesteps(self, steps, start=None):
+        """`steps` distinct timesteps from `start` (None: T-1) down to 0, spaced quadratically: dense at low noise,
+        where the first-order DDIM step loses most (Song et al. 2021, appendix D.2, as for their CIFAR-10 model)."""
+        start = self.noise_steps - 1 if start is None else start
+        t = [int(start * f * f) for f in torch.linspace(1, 0, steps).tolist()]
         for k in range(steps - 2, -1, -1):
             t[k] = max(t[k], t[k + 1] + 1)  # rounding down repeats small timesteps: keep every step distinct
         return t
+
+    def dpm_timesteps(self, steps, start):
+        """`steps` distinct timesteps from `start` down to 0, uniform in lambda = log(alpha / sigma), as DPM-Solver
+        (Lu et al. 2022) recommends for pixel-space models: the nearest timestep to each point, then moved where
+        needed to keep them distinct. The noisy end is clipped at lambda = -5.1 (diffusers' lambda_min_clipped): the
+        cosine schedule's last beta of 0.999 puts lambda(T) at -9.9, and uniform steps from there would spend a third
+        of them on pure noise. The first step is still at `start`."""
+        lam = torch.tensor([self.logsnr(s) for s in range(start + 1)], dtype=torch.float64)
+        points = torch.linspace(max(lam[start].item(), -5.1), lam[0].item(), steps, dtype=torch.float64)
+        t = (lam[None] - points[:, None]).abs().argmin(1).tolist()
+        t[0] = start
+        for k in range(steps - 2, -1, -1):
+            t[k] = min(max(t[k], t[k + 1] + 1), start - k)  # distinct, leaving room for the k steps before it
+        return t
+
+    @torch.inference_mode()
+    def img2img(self, model, images, strength, labels=None, cfg_scale=3, steps=50, generator=None, sampler="ddim"):
+        """SDEdit (Meng et al. 2022, Algorithm 1): noise uint8 images (n, C, H, W), as sample returns them, to
+        t = strength * T, then denoise them from there with `steps` steps of `sampler` (at most one per timestep;
+        None: ancestral), guided towards `labels`. strength near 0 keeps the images, 1 starts from pure noise."""
+        if not 0 < strength <= 1:
+            raise UserError(f"strength={strength}: expected a number in (0, 1]")
+        x0 = self.from_images(images)
+        start = math.ceil(strength * self.noise_steps) - 1  # the index of t = strength * T, rounded up
+        noise = torch.randn(x0.shape, device=self.device, generator=generator)
+        x, _ = self.noise_images(x0, torch.full((len(x0),), start, device=self.device), noise)
+        steps = None if steps is None else min(steps, start + 1)
+        return to_images(self.denoise(model, x, labels, cfg_scale, steps, generator, sampler=sampler, start=start))
+
+    @torch.inference_mode()
+    def inpaint(self, model, images, mask, labels=None, cfg_scale=3, steps=50, resample=1, generator=None):
+        """RePaint (Lugmayr et al. 2022, Algorithm 1): fill in the pixels of uint8 images (n, C, H, W) where mask is 0,
+        keeping those where it is 1 (mask: (n or 1, 1 or C, H, W)). At every step the known pixels are replaced by
+        the real image noised to the step's level, so the model fills in the rest around them; `resample` > 1
+        repeats each step after noising it one step back (their jump length 1), which harmonises the filled-in
+        region with the known one. The steps are DDIM's `steps` timesteps (None: all T), each taken as a stochastic
+        posterior step x_t' ~ q(x_t' | x_t, x_0) (DDIM with eta = 1), as RePaint's are for t' = t - 1. Like any
+        few-step stochastic sampler, it loses some of the data's variance (on Gaussian data: 10% of the std at 50
+        steps, 3% at all 1000)."""
+        known = self.from_images(images)
+        mask = torch.as_tensor(mask, device=self.device).float()
+        if mask.ndim != 4 or any(m not in (1, k) for m, k in zip(mask.shape, known.shape)):
+            raise UserError(f"mask of shape {tuple(mask.shape)}: expected one that broadcasts to the images' "
+                            f"{tuple(known.shape)}, e.g. (1, 1, H, W)")
+        if resample < 1:
+            raise UserError(f"resample={resample}: expected 1 or more")
+        labels = self.check_labels(model, labels, len(known))
+        timesteps = self.sampler_timesteps(steps or self.noise_steps, "ddim", self.noise_steps - 1)
+        randn = lambda: torch.randn(known.shape, device=self.device, generator=generator)
+        was_training = model.training
+        model.eval()
+        x = randn()
+        for i, step in enumerate(timesteps):
+            alpha_hat = self.alpha_hat_list[step]
+            alpha_hat_next = self.alpha_hat_list[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
+            for u in range(resample if alpha_hat_next < 1 else 1):
+                if u > 0:  # back to t: x_t ~ q(x_t | x_t') = N(sqrt(alpha_hat_t / alpha_hat_t') x_t', 1 - that)
+                    x = math.sqrt(alpha_hat / alpha_hat_next) * x + math.sqrt(1 - alpha_hat / alpha_hat_next) * randn()
+                x0 = self.denoised(model, x, step, labels, cfg_scale)
+                variance = (1 - alpha_hat_next) / (1 - alpha_hat) * (1 - alpha_hat / alpha_hat_next)  # beta tilde
+                unknown = self.posterior_mean(x, x0, alpha_hat, alpha_hat_next) + math.sqrt(variance) * randn()
+                known_t = math.sqrt(alpha_hat_next) * known + math.sqrt(1 - alpha_hat_next) * randn()  # at t'
+                x = mask * known_t + (1 - mask) * unknown
+        model.train(was_training)
+        return to_images(x)
+
+    def from_images(self, images):
+        """uint8 images (n, C, H, W) of this diffusion's size and channels -> floats in [-1, 1] on its device."""
+        shape = (self.channels, *self.img_size)
+        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != shape:
+            raise UserError(f"images of shape {tuple(images.shape)} and dtype {images.dtype}: expected uint8 "
+                            f"(n, {', '.join(map(str, shape))}), as sample returns them")
+        return images.to(self.device).float() / 127.5 - 1
 
     def guided_output(self, model, x, t, labels, cfg_scale):
         """The network's output with classifier-free guidance: out_u + s (out_c - out_u) (Ho & Salimans 2022, eq. 6,
@@ -214,6 +327,16 @@ class Diffusion:
             raise UserError(f"label {labels.max().item()} is outside the model's {num_classes} classes "
                             f"(0 .. {num_classes - 1})")
         return labels
+
+
+def check_sampler(sampler):
+    if sampler not in ("ddim", "dpm++"):
+        raise UserError(f"sampler '{sampler}': expected 'ddim' or 'dpm++'")
+
+
+def to_images(x):
+    """Floats in [-1, 1] -> uint8 images in [0, 255], rounded."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,7 +380,8 @@ def sample_grid(diffusion, ema_model, config, amp_dtype, device):
     """The 8 x 8 images written after each epoch, from the same noise every epoch (so the grids show progress)."""
     generator = torch.Generator(device).manual_seed(config.seed)
     with autocast(device, amp_dtype):
-        return diffusion.sample(ema_model, 64, steps=config.sample_steps, generator=generator, progress=False)
+        return diffusion.sample(ema_model, 64, steps=config.sample_steps, generator=generator, progress=False,
+                                sampler=config.sampler)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ CFG_DROP = 0.1            # probability that a sample's label is replaced by the
 CFG_SCALE = 3.0           # guidance scale of the sample grids: 1 conditional, 0 unconditional, >1 guided
 EMA_BETA = 0.99           # EMA decay, matched to a short run; tutorial: 0.995
 EMA_START = 300           # steps during which the EMA model just copies the weights; tutorial: 2000
-SAMPLE_STEPS = 50         # DDIM steps for the sample grid written after each epoch
+SAMPLE_STEPS = 50         # sampler steps for the sample grid written after each epoch
+SAMPLER = "ddim"          # its sampler: "ddim" or "dpm++" (DPM-Solver++(2M)); tutorial: ancestral, 1000 steps
 SAVE_EVERY = 0            # also save every N steps within an epoch (0: only at the end of each epoch)
 LOG_EVERY = 25            # steps between loss readouts (each one waits for the device)
 SEED = 0
@@ -112,7 +113,7 @@ def sample_grid(diffusion, ema_model, config, amp_dtype, device):
     generator = torch.Generator(device).manual_seed(config.seed)
     with autocast(device, amp_dtype):
         return diffusion.sample(ema_model, len(labels), labels, config.cfg_scale, config.sample_steps, generator,
-                                progress=False)
+                                progress=False, sampler=config.sampler)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """How good is a trained model? Sample it, then measure the samples with a classifier trained on the real data.
 
     python evaluate.py --ckpt models/DDPM_conditional/ema_ckpt.pt
-    python evaluate.py --ckpt models/DDPM_conditional/ema_ckpt.pt --sweep     # cfg_scale and sampler steps
+    python evaluate.py --ckpt models/DDPM_conditional/ema_ckpt.pt --sweep     # cfg_scale, samplers and steps
 
 The run's settings (dataset, image size, model) come from config.json beside the checkpoint. Reported:
   1. conditional accuracy: the fraction of samples that the classifier assigns to the class that was asked for
@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddpm import check_sampler
 from training import load_run, load_weights, read_config
 from utils import (ImageTensors, UserError, amp_dtype, autocast, default_flip, image_size, in_memory, load_dataset,
                    pick_device)
@@ -227,7 +228,7 @@ def measure(samples, sample_labels, classifier, real_features, floor, conditiona
     return result
 
 
-def generate(diffusion, model, labels, n, cfg_scale, steps, amp_dtype, seed=0, batch_size=250):
+def generate(diffusion, model, labels, n, cfg_scale, steps, amp_dtype, seed=0, batch_size=250, sampler="ddim"):
     """n samples (of `labels`, if conditional) in batches, from a fixed seed."""
     generator = torch.Generator(diffusion.device).manual_seed(seed)
     images = []
@@ -235,23 +236,28 @@ def generate(diffusion, model, labels, n, cfg_scale, steps, amp_dtype, seed=0, b
         batch_labels = None if labels is None else labels[start:start + batch_size]
         size = min(batch_size, n - start)
         with autocast(diffusion.device, amp_dtype):
-            images.append(diffusion.sample(model, size, batch_labels, cfg_scale, steps, generator, progress=False))
+            images.append(diffusion.sample(model, size, batch_labels, cfg_scale, steps, generator, progress=False,
+                                           sampler=sampler))
     return torch.cat(images).cpu()
 
 
 def sweep_plot(rows, path):
+    """FD (circles) and accuracy (squares) against cfg_scale and against the sampler steps: DDIM solid (1000 steps:
+    the ancestral sampler), DPM++ dotted."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(10, 4))
-    for ax, key, label in ((fig.add_subplot(1, 2, 1), "cfg_scale", "cfg_scale (DDIM)"),
+    for ax, key, label in ((fig.add_subplot(1, 2, 1), "cfg_scale", "cfg_scale"),
                            (fig.add_subplot(1, 2, 2), "steps", "sampler steps (1000: ancestral)")):
-        part = [r for r in rows if r["sweep"] == key]
-        xs = [r[key] for r in part]
-        ax.plot(xs, [r["fd"] for r in part], "o-", color="tab:blue", label="FD")
+        twin = ax.twinx() if "accuracy" in rows[0] else None
+        for sampler, style in (("ddim", "-"), ("dpm++", ":")):
+            part = [r for r in rows if r["sweep"] == key and r["sampler"] == sampler]
+            xs = [r[key] for r in part]
+            ax.plot(xs, [r["fd"] for r in part], "o" + style, color="tab:blue")
+            if twin:
+                twin.plot(xs, [r["accuracy"] for r in part], "s" + style, color="tab:red")
         ax.set(xlabel=label, yscale="log")
         ax.set_ylabel("FD (classifier features), circles", color="tab:blue")
-        if "accuracy" in part[0]:
-            twin = ax.twinx()
-            twin.plot(xs, [r["accuracy"] for r in part], "s--", color="tab:red", label="accuracy")
+        if twin:
             twin.set(ylim=(0, 1.02))
             twin.set_ylabel("conditional accuracy, squares", color="tab:red")
         if key == "steps":
@@ -268,9 +274,11 @@ def main(argv=None):
     parser.add_argument("--data_dir", help="where the torchvision datasets are (default: the run's)")
     parser.add_argument("--n_per_class", type=int, default=100, help="samples per class (unconditional: x classes)")
     parser.add_argument("--cfg_scale", type=float, default=3)
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps; 1000 (= T) is the ancestral sampler")
-    parser.add_argument("--sweep", action="store_true", help="also sweep cfg_scale (0,1,2,3,5) and steps "
-                                                             "(10,20,50,100, ancestral): a table and a PNG plot")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps; 1000 (= T) is the ancestral sampler")
+    parser.add_argument("--sampler", default="ddim", help="ddim or dpm++ (DPM-Solver++(2M))")
+    parser.add_argument("--sweep", action="store_true", help="also sweep cfg_scale (0,1,2,3,5) and steps: DDIM "
+                                                             "10,20,50,100, DPM++ 10,20,50, ancestral; a table and "
+                                                             "a PNG plot")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every figure to this JSON file")
@@ -282,6 +290,7 @@ def main(argv=None):
 
 
 def evaluate(args):
+    check_sampler(args.sampler)
     device = pick_device(args.device)
     amp = amp_dtype(device)
     config = read_config(args.ckpt)
@@ -314,20 +323,23 @@ def evaluate(args):
 
     done = {}
 
-    def run(cfg_scale, steps):
-        if (cfg_scale, steps) in done:  # the main setting comes back in both sweeps
-            return done[cfg_scale, steps]
+    def run(cfg_scale, steps, sampler):
+        sampler = sampler if steps < config.noise_steps else "ddim"  # all T steps: the ancestral sampler, whichever
+        key = cfg_scale, steps, sampler
+        if key in done:  # the main setting comes back in both sweeps
+            return done[key]
         start = time.perf_counter()
         samples = generate(diffusion, model, labels, n, cfg_scale, None if steps >= config.noise_steps else steps,
-                           amp, args.seed)
+                           amp, args.seed, sampler=sampler)
         result = measure(samples, labels, classifier, real_features_a, floor, conditional)
-        result.update(cfg_scale=cfg_scale, steps=steps, seconds=round(time.perf_counter() - start, 1))
-        done[cfg_scale, steps] = result, samples
+        result.update(cfg_scale=cfg_scale, steps=steps, sampler=sampler, seconds=round(time.perf_counter() - start, 1))
+        done[key] = result, samples
         return result, samples
 
-    main_result, samples = run(args.cfg_scale, args.steps)
+    main_result, samples = run(args.cfg_scale, args.steps, args.sampler)
     report["main"] = main_result
-    line = f"{n} samples, cfg_scale {args.cfg_scale:g}, {sampler_name(args.steps, config)}: FD {main_result['fd']:.2f}"
+    line = (f"{n} samples, cfg_scale {args.cfg_scale:g}, {sampler_name(args.steps, args.sampler, config)}: "
+            f"FD {main_result['fd']:.2f}")
     if conditional:
         line += f", conditional accuracy {main_result['accuracy']:.3f}"
     print(line)
@@ -346,15 +358,16 @@ def evaluate(args):
         rows = []
         scales = (0, 1, 2, 3, 5) if conditional else (1,)
         for scale in scales:
-            rows.append({"sweep": "cfg_scale", **run(scale, args.steps)[0]})
-        for steps in (10, 20, 50, 100, config.noise_steps):
-            rows.append({"sweep": "steps", **run(args.cfg_scale, steps)[0]})
+            rows.append({"sweep": "cfg_scale", **run(scale, args.steps, args.sampler)[0]})
+        for sampler, steps in [("ddim", s) for s in (10, 20, 50, 100)] + [("dpm++", s) for s in (10, 20, 50)] + \
+                [("ddim", config.noise_steps)]:
+            rows.append({"sweep": "steps", **run(args.cfg_scale, steps, sampler)[0]})
         report["sweep"] = rows
         print("\n| sweep | cfg_scale | sampler | FD | accuracy | seconds |\n|---|---|---|---|---|---|")
         for r in rows:
             accuracy = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
-            print(f"| {r['sweep']} | {r['cfg_scale']:g} | {sampler_name(r['steps'], config)} | {r['fd']:.2f} | "
-                  f"{accuracy} | {r['seconds']} |")
+            print(f"| {r['sweep']} | {r['cfg_scale']:g} | {sampler_name(r['steps'], r['sampler'], config)} | "
+                  f"{r['fd']:.2f} | {accuracy} | {r['seconds']} |")
         plot = Path(args.ckpt).with_name("sweep.png")
         sweep_plot(rows, plot)
         print(f"plot: {plot}")
@@ -362,8 +375,10 @@ def evaluate(args):
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
-def sampler_name(steps, config):
-    return "ancestral 1000 steps" if steps >= config.noise_steps else f"DDIM {steps} steps"
+def sampler_name(steps, sampler, config):
+    if steps >= config.noise_steps:
+        return f"ancestral {config.noise_steps} steps"
+    return f"{'DPM++' if sampler == 'dpm++' else 'DDIM'} {steps} steps"
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ from utils import (UserError, amp_dtype, default_flip, get_data, image_size, loa
 
 # Options that may change when a run resumes; any other difference means a different run.
 RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "log_every", "device", "amp", "channels_last",
-                     "compile", "num_workers", "data_dir", "cfg_scale"}
+                     "compile", "num_workers", "data_dir", "cfg_scale", "sampler"}
 # Settings that config.json files written by earlier versions lack, with the value those runs had.
 EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant",
-                    "norm_groups": 1, "film": False, "timesteps": "uniform", "grad_accum": 1}
+                    "norm_groups": 1, "film": False, "timesteps": "uniform", "grad_accum": 1, "sampler": "ddim"}
 
 
 def run_script(constants, train_step, sample_grid, conditional):
@@ -139,6 +139,8 @@ def check_config(c, conditional):
     if c.channels not in (None, 1, 3):
         raise UserError(f"channels={c.channels}: expected 1, 3 or None (the dataset's)")
     amp_dtype("cpu", c.amp)  # a clear message for a bad --amp before anything starts
+    from ddpm import check_sampler  # (ddpm.py imports this module to train)
+    check_sampler(c.sampler)  # and for a bad --sampler, rather than after the first epoch
 
 
 def complete_config(c, dataset, conditional):

@@ -385,10 +385,14 @@ def plot_images(images, nrow=8):
     plt.show()
 
 
+def grid_image(images, nrow=8):
+    """uint8 images (n, C, H, W) as one PIL image, a grid of nrow images a row."""
+    return Image.fromarray(torchvision.utils.make_grid(images.cpu(), nrow=nrow).permute(1, 2, 0).numpy())
+
+
 def save_images(images, path, nrow=8):
     """Save uint8 images (n, C, H, W) as one grid image; the format follows the file's extension."""
-    grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow)
-    image = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    image = grid_image(images, nrow)
     replace_atomically(path, lambda tmp: image.save(tmp, format=Image.registered_extensions()[Path(path).suffix]))
 
 
@@ -397,6 +401,11 @@ def write_gif(frames, path, ms_per_frame=200, hold_last_ms=2000):
     durations = [ms_per_frame] * (len(frames) - 1) + [hold_last_ms]
     replace_atomically(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
                                                         duration=durations, loop=0))
+
+
+def save_frames_gif(frames, path, nrow=8):
+    """The frames of sample(..., frames_every=k), each a batch of uint8 images, as an animated GIF of grids."""
+    write_gif([grid_image(images, nrow) for images in frames], path)
 
 
 def save_progress_gif(results_dir, epochs):

@@ -131,6 +131,23 @@ def test_torchvision_inception_gets_the_input_transform_of_its_weights(tmp_path,
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
 
 
+def test_sweep_names_and_plots_each_sampler(tmp_path):
+    """The sweep's rows: DDIM and DPM++ steps, and all T steps named ancestral whatever the sampler; the plot draws
+    them; an unknown --sampler stops evaluate.py with one line before anything is loaded."""
+    config = types.SimpleNamespace(noise_steps=1000)
+    assert evaluate.sampler_name(20, "dpm++", config) == "DPM++ 20 steps"
+    assert evaluate.sampler_name(50, "ddim", config) == "DDIM 50 steps"
+    assert evaluate.sampler_name(1000, "dpm++", config) == "ancestral 1000 steps"
+    rows = [{"sweep": sweep, "cfg_scale": scale, "steps": steps, "sampler": sampler, "fd": 10.0, "accuracy": 0.5}
+            for sweep, scale, steps, sampler in (("cfg_scale", 1, 50, "ddim"), ("cfg_scale", 3, 50, "ddim"),
+                                                 ("steps", 3, 10, "ddim"), ("steps", 3, 1000, "ddim"),
+                                                 ("steps", 3, 10, "dpm++"), ("steps", 3, 20, "dpm++"))]
+    evaluate.sweep_plot(rows, tmp_path / "sweep.png")
+    assert Image.open(tmp_path / "sweep.png").size == (1000, 400)
+    with pytest.raises(SystemExit, match="^error: sampler 'plms': expected 'ddim' or 'dpm\\+\\+'$"):
+        evaluate.main(["--ckpt", str(tmp_path / "none.pt"), "--sampler", "plms"])
+
+
 def test_evaluate_a_tiny_conditional_run(tmp_path):
     """Train a few steps, then evaluate: the figures are there and in range; no Inception weights here, so the FID is
     skipped with a one-line reason; the classifier is cached beside the data for the next call."""
@@ -140,10 +157,11 @@ def test_evaluate_a_tiny_conditional_run(tmp_path):
                    capture_output=True, timeout=300)
     env_home = {"TORCH_HOME": str(tmp_path / "torch_home")}  # an empty cache: no Inception weights
     command = [sys.executable, str(REPO / "evaluate.py"), "--ckpt", "models/DDPM_conditional/ema_ckpt.pt",
-               "--n_per_class", "4", "--steps", "3", "--json", "out.json"]
+               "--n_per_class", "4", "--steps", "3", "--sampler", "dpm++", "--json", "out.json"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, **env_home})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "24 samples, cfg_scale 3, DPM++ 3 steps: FD" in result.stdout
     assert "FID: skipped, no Inception-v3 weights on this machine" in result.stdout
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["n_samples"] == 24 and 0 <= report["main"]["accuracy"] <= 1

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ddpm import Diffusion, train_step
 from modules import EMA
-from utils import default_flip
+from utils import UserError, default_flip
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--num_images", "48", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
@@ -135,16 +135,30 @@ def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, sched
 
 def test_resuming_with_other_machine_settings_continues_the_same_run(tmp_path, uninterrupted):
     """Settings that change where and how often, not what is computed (the device named, the loss readouts, the
-    grid's sampler steps) may change on resume: the run ends with the uninterrupted run's weights, bit for bit."""
+    grid's sampler and its steps) may change on resume: the run ends with the uninterrupted run's weights, bit for
+    bit."""
     run("ddpm_conditional.py", "--epochs", "2", cwd=tmp_path)
     second = run("ddpm_conditional.py", "--epochs", "3", "--device", "cpu", "--log_every", "2", "--sample_steps", "3",
-                 cwd=tmp_path)
+                 "--sampler", "dpm++", cwd=tmp_path)
     assert "resuming" in second.stdout and "new stream" not in second.stdout
     resumed, reference = final_state(tmp_path, "ddpm_conditional.py"), final_state(uninterrupted["ddpm_conditional.py"],
                                                                                    "ddpm_conditional.py")
     for part in ("model", "ema_model"):
         assert all(torch.equal(resumed[part][k], reference[part][k]) for k in reference[part]), part
-    assert json.loads((tmp_path / "models" / "DDPM_conditional" / "config.json").read_text())["sample_steps"] == 3
+    config = json.loads((tmp_path / "models" / "DDPM_conditional" / "config.json").read_text())
+    assert config["sample_steps"] == 3 and config["sampler"] == "dpm++"
+
+
+def test_sampler_option_is_checked_first_and_old_runs_read_as_ddim(tmp_path):
+    """--sampler is refused with one line before anything starts; a config.json written before SAMPLER existed
+    reads as the DDIM grid those runs had."""
+    import ddpm_conditional
+    from training import check_config, parse_config, read_config
+    config = parse_config(vars(ddpm_conditional), ["--sampler", "plms"])
+    with pytest.raises(UserError, match=r"^sampler 'plms': expected 'ddim' or 'dpm\+\+'$"):
+        check_config(config, conditional=True)
+    (tmp_path / "config.json").write_text(json.dumps({"sample_steps": 50}))
+    assert read_config(tmp_path).sampler == "ddim"
 
 
 def test_a_run_saved_on_another_device_resumes_with_a_new_random_stream(tmp_path):
@@ -347,21 +361,30 @@ def test_the_tutorials_notebook_lines_work():
     assert x.shape == (4, 3, 8, 8) and x.dtype == torch.uint8
 
 
-def readme_notebook_cell():
+def readme_notebook_cells():
     readme = (REPO / "README.md").read_text()
-    match = re.search(r"<!-- notebook cell -->\s*```python\n(.*?)```", readme, re.S)
-    assert match, "README.md has no notebook cell"
-    return match.group(1)
+    cells = re.findall(r"<!-- notebook cell -->\s*```python\n(.*?)```", readme, re.S)
+    assert cells, "README.md has no notebook cell"
+    return cells
 
 
-def test_readme_notebook_cell_samples_from_a_trained_checkpoint(tmp_path, monkeypatch, uninterrupted):
+def test_readme_notebook_cells_sample_from_a_trained_checkpoint(tmp_path, monkeypatch, uninterrupted):
+    """The README's cells in order, as a notebook runs them: sampling (DDIM, then DPM++), the denoising GIF,
+    inpainting (the kept half comes back as it was) and img2img."""
     import matplotlib
     matplotlib.use("Agg")  # plt.show() draws nowhere
     monkeypatch.chdir(uninterrupted["ddpm_conditional.py"])
     namespace = {}
-    exec(readme_notebook_cell(), namespace)
+    first, *others = readme_notebook_cells()
+    exec(first, namespace)
     images = namespace["x"]
     assert images.dtype == torch.uint8 and images.shape == (namespace["n"], 3, 16, 16)
+    for cell in others:
+        exec(cell, namespace)
+    n, frames, real, filled = namespace["n"], namespace["frames"], namespace["real"], namespace["filled"]
+    assert Image.open("denoising.gif").n_frames > 1 and frames[-1].shape == (n, 3, 16, 16)
+    assert filled.shape == (n, 3, 16, 16) and torch.equal(filled[..., :8], real.images[..., :8])
+    assert namespace["x"].shape == namespace["circles"].shape == (n, 3, 16, 16)
 
 
 def test_the_readme_command_for_the_tutorials_setting_gives_the_tutorials_setting():
