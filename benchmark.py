@@ -75,9 +75,9 @@ def timed(fn, device, repeats, warmup=2, budget_s=float("inf")):
     return statistics.median(times)
 
 
-def matmul_tflops(device, dtype, repeats=5):
-    """TFLOP/s of a large square matrix product: the practical peak of the matrix units."""
-    n = 8192 if device.type == "cuda" else 4096
+def matmul_tflops(device, dtype, repeats=5, n=None):
+    """TFLOP/s of a large square (n x n) matrix product: the practical peak of the matrix units."""
+    n = n or (8192 if device.type == "cuda" else 4096)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / timed(lambda: a @ b, device, repeats) / 1e12
 
