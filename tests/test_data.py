@@ -1,4 +1,5 @@
 """Data sources, the batch order, options and checkpoints, and the clear messages for bad input."""
+import hashlib
 import socket
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from PIL import Image
 
 from modules import UNet
 from training import load_weights, parse_config, save_checkpoint
-from utils import SHAPE_CLASSES, EpochBatches, UserError, get_data, load_dataset, pick_device
+from utils import SHAPE_CLASSES, EpochBatches, UserError, draw_shapes, get_data, load_dataset, pick_device
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -34,6 +35,16 @@ def test_shapes_vary_within_a_class_and_stand_out_from_the_background():
     corners = torch.stack([gray[:, 0, 0], gray[:, 0, -1], gray[:, -1, 0], gray[:, -1, -1]], 1).median(1).values
     contrast = (gray - corners[:, None, None]).abs().flatten(1).max(1).values
     assert (contrast > 50).all()  # every shape is visible, in grayscale too
+
+
+def test_shapes_images_stay_the_same_for_a_seed():
+    """Fingerprints of draw_shapes taken before the multi-shape data shared its drawing code: any change to how
+    `shapes` draws (or to its random draws) changes them, and the runs and measurements made on it."""
+    for size, seed, pixel_sum, digest in (((16, 16), 0, 896976, "5bd22f8e804ee0f2"),
+                                          ((24, 40), 3, 1780215, "07d88aeed4b018a6")):
+        images = draw_shapes(6 if seed else 8, size, seed=seed).images
+        assert images.sum().item() == pixel_sum
+        assert hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16] == digest
 
 
 def test_shapes_test_split_differs_from_train():
