@@ -2,13 +2,14 @@
 
     python ddpm_conditional.py                          # the built-in "shapes" data (9 minutes on a 2-core CPU)
     python ddpm_conditional.py --dataset cifar10 --img_size 64 --width 64 --attention 1,2,4,8 --epochs 300
+    python ddpm_conditional.py --dataset multishapes --run_name multishapes   # multi-hot labels (attributes)
 
 Every UPPERCASE constant below is also a command-line option of the same name in lower case. Below them, what makes
 training conditional: each sample's label is dropped to the null condition with probability CFG_DROP (so one network
 learns the conditional and the unconditional model), the EMA update after each step, and the sample grid, guided with
 CFG_SCALE (the mix itself: Diffusion.guided_output in ddpm.py). Checkpoints: models/<RUN_NAME>/{ckpt,ema_ckpt,
-train_state}.pt; grids (one row per class) and the loss curve: results/<RUN_NAME>/. Running the same command again
-resumes (the loop, checkpoints and torchrun are in training.py).
+train_state}.pt; grids (one row per class, or per attribute) and the loss curve: results/<RUN_NAME>/. Running the
+same command again resumes (the loop, checkpoints and torchrun are in training.py).
 """
 import torch
 
@@ -21,13 +22,16 @@ __all__ = ["Diffusion", "EMA", "UNet_conditional", "load_run", "plot_images", "s
 
 # --- data ---
 RUN_NAME = "DDPM_conditional"  # files go to models/<RUN_NAME>/ and results/<RUN_NAME>/
-DATASET = "shapes"        # "shapes" (built in), "cifar10", "mnist", "fashion_mnist", a FER-2013 .csv, or a folder
+# DATASET: "shapes" or "multishapes" (built in; multishapes: 1 to 3 shapes an image, multi-hot labels), "cifar10",
+# "mnist", "fashion_mnist", a FER-2013 .csv, an attribute table (CelebA's list_attr_celeba.txt, or a .csv), or a folder
+DATASET = "shapes"
 DATA_DIR = "data"         # where torchvision datasets are downloaded to / looked for
 NUM_IMAGES: int | None = None  # a fixed random subset of this many training images (None: all; "shapes": 10000)
 IMG_SIZE = 32             # int, or (height, width); divisible by 8
 CHANNELS: int | None = None  # None: the dataset's (1 grayscale, 3 RGB)
 FLIP: bool | None = None  # random horizontal flips; None: the dataset's (on, but off for mnist)
 NUM_CLASSES: int | None = None  # None: the dataset's
+ATTRIBUTES: str | None = None  # multi-label data: the attributes to learn, e.g. "Smiling,Eyeglasses" (None: all)
 # --- model ---
 WIDTH = 16                # channels at full resolution; tutorial: 64
 ATTENTION = (8,)          # self-attention at these downsampling factors; tutorial: (1, 2, 4, 8), all six blocks
@@ -106,10 +110,22 @@ def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, gene
     return total
 
 
+def grid_labels(config, per_row=8):
+    """The labels of the sample grid, a row of `per_row` each: one row per class (at most 10 classes); for
+    multi-label data, one row per attribute alone (at most 8), then the first two together, the first three
+    together."""
+    if not config.multi_label:
+        return torch.arange(min(config.num_classes, 10)).repeat_interleave(per_row)
+    n = config.num_classes
+    attribute = torch.arange(n)
+    rows = [attribute == i for i in range(min(n, 8))] + [attribute < k for k in (2, 3) if k <= n]
+    return torch.stack(rows).float().repeat_interleave(per_row, dim=0)
+
+
 def sample_grid(diffusion, ema_model, config, amp_dtype, device):
-    """The images written after each epoch: a row of 8 per class (at most 10 classes), guided with CFG_SCALE, from
-    the same noise every epoch (so the grids show progress)."""
-    labels = torch.arange(min(config.num_classes, 10), device=device).repeat_interleave(8)
+    """The images written after each epoch, a row for each of grid_labels, guided with CFG_SCALE, from the same
+    noise every epoch (so the grids show progress)."""
+    labels = grid_labels(config).to(device)
     generator = torch.Generator(device).manual_seed(config.seed)
     with autocast(device, amp_dtype):
         return diffusion.sample(ema_model, len(labels), labels, config.cfg_scale, config.sample_steps, generator,

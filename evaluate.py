@@ -5,12 +5,15 @@
 
 The run's settings (dataset, image size, model) come from config.json beside the checkpoint. Reported:
   1. conditional accuracy: the fraction of samples that the classifier assigns to the class that was asked for
-     (and, for reference, the classifier's accuracy on the real test images);
+     (and, for reference, the classifier's accuracy on the real test images); for multi-hot labels (attributes), the
+     fraction of samples in which the classifier sees each attribute as asked for (present or absent), and their mean;
   2. FD: the Frechet distance between the classifier's penultimate-layer features of the samples and of real
      held-out images, computed exactly as FID is; beside it the FD between two halves of the real data (the floor);
   3. FID with Inception-v3 where its weights are already on this machine (they are never downloaded here).
-The classifier, a small CNN, is trained on the first call for a dataset and size, and cached beside the data. A
-dataset without a test split (a folder) lends a fifth of its images, held out from the classifier, as the real set.
+The classifier, a small CNN (one sigmoid output per attribute for multi-hot labels), is trained on the first call
+for a dataset and size, and cached beside the data. A dataset without a test split (a folder) lends a fifth of its
+images, held out from the classifier, as the real set. Multi-hot samples are asked for the attributes of real test
+images.
 """
 import argparse
 import json
@@ -24,8 +27,8 @@ import torch.nn.functional as F
 
 from ddpm import check_sampler
 from training import load_run, load_weights, read_config
-from utils import (ImageTensors, UserError, amp_dtype, autocast, default_flip, image_size, in_memory, load_dataset,
-                   pick_device)
+from utils import (ImageTensors, UserError, amp_dtype, attribute_names, autocast, default_flip, image_size, in_memory,
+                   load_dataset, pick_device)
 
 TF_FID_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # the file torchmetrics (torch-fidelity) loads for FID
 
@@ -53,10 +56,13 @@ class Classifier(nn.Module):
         return self.head(self.features(images))
 
 
-def classifier_path(dataset, data_dir, size, channels, flip=True):
-    """Beside the data: in data_dir for the named datasets, next to a CSV file or an image folder otherwise."""
-    tag = f"classifier_{size[0]}x{size[1]}_c{channels}{'' if flip else '_noflip'}.pt"
-    if dataset in ("shapes", "cifar10", "mnist", "fashion_mnist"):
+def classifier_path(dataset, data_dir, size, channels, flip=True, multi_label=False, attributes=None):
+    """Beside the data: in data_dir for the named datasets, next to a data file or an image folder otherwise. A
+    multi-label classifier's name says so, and names the attributes it sees when they are a selection."""
+    kind = "".join(["_multilabel" if multi_label else "",
+                    "" if attributes is None else "_" + "-".join(attribute_names(attributes))])
+    tag = f"classifier_{size[0]}x{size[1]}_c{channels}{'' if flip else '_noflip'}{kind}.pt"
+    if dataset in ("shapes", "multishapes", "cifar10", "mnist", "fashion_mnist"):
         return Path(data_dir) / f"{dataset}_{tag}"
     return Path(str(dataset).rstrip("/\\") + "." + tag)
 
@@ -65,7 +71,8 @@ def get_classifier(train, path, device, amp_dtype=None, flip=True, epochs=4, max
     """The classifier cached at `path`, trained now on the ImageTensors `train` when there is none: `epochs` passes
     over the data in batches of 128, at least 200 and at most max_steps steps (about 2 minutes on a 2-core CPU),
     under autocast to amp_dtype (bfloat16 or None: float16 would need a GradScaler), with random horizontal flips
-    if `flip`."""
+    if `flip`. Class indices train it with cross-entropy, multi-hot labels with binary cross-entropy (one sigmoid
+    per attribute)."""
     model = Classifier(train.channels, len(train.classes)).to(device)
     if path.exists():
         return load_weights(model, path).eval()
@@ -84,7 +91,9 @@ def get_classifier(train, path, device, amp_dtype=None, flip=True, epochs=4, max
         if flip:
             x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
         with autocast(device, amp_dtype):
-            loss = F.cross_entropy(model(x).float(), labels[batch])
+            logits, y = model(x).float(), labels[batch]
+            multi_hot = y.is_floating_point()
+            loss = F.binary_cross_entropy_with_logits(logits, y) if multi_hot else F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -99,27 +108,38 @@ def get_classifier(train, path, device, amp_dtype=None, flip=True, epochs=4, max
 
 
 @torch.no_grad()
-def classify(classifier, images, batch_size=500):
-    """(predicted classes, penultimate features in float64) of uint8 images, on the CPU; the images go to the
+def classify(classifier, images, multi_label=False, batch_size=500):
+    """(predictions, penultimate features in float64) of uint8 images, on the CPU: the predicted classes, or for a
+    multi-label classifier whether each attribute is present (probability over 0.5). The images go to the
     classifier's device a batch at a time (float64 only on the CPU: MPS has none)."""
     device = next(classifier.parameters()).device
     predictions, features = [], []
     for batch in images.split(batch_size):
         f = classifier.features(batch.to(device))
         features.append(f.cpu().double())
-        predictions.append(classifier.head(f).argmax(1).cpu())
+        logits = classifier.head(f).cpu()
+        predictions.append(logits > 0 if multi_label else logits.argmax(1))
     return torch.cat(predictions), torch.cat(features)
 
 
-def real_data(dataset, size, channels, data_dir, held_out_fraction=0.2, seed=0):
+def agreement(predictions, labels):
+    """How often the predictions match the labels: over all images for class indices; for each attribute (present
+    or absent) for multi-hot labels."""
+    labels = labels.cpu()
+    return (predictions == (labels > 0.5 if labels.is_floating_point() else labels)).float().mean(0)
+
+
+def real_data(dataset, size, channels, data_dir, held_out_fraction=0.2, seed=0, attributes=None):
     """(images to train the classifier on, real reference images, what the reference images are). The reference
     images are the test split; a dataset without one (a folder of images) holds out a fraction of each class of its
     training images from the classifier instead."""
-    train = in_memory(load_dataset(dataset, size, channels, "train", data_dir))
+    train = in_memory(load_dataset(dataset, size, channels, "train", data_dir, attributes=attributes))
     try:
-        return train, in_memory(load_dataset(dataset, size, channels, "test", data_dir)), "held-out test images"
+        test = load_dataset(dataset, size, channels, "test", data_dir, attributes=attributes)
+        return train, in_memory(test), "held-out test images"
     except UserError:
-        pass
+        if train.labels.is_floating_point():  # (an attribute table too short to have a test split)
+            raise
     g = torch.Generator().manual_seed(seed)
     held = torch.zeros(len(train), dtype=torch.bool)
     for c in train.labels.unique():
@@ -220,11 +240,17 @@ def reference_counts(train_labels, num_classes, n_per_class, conditional):
     return (mix * n_per_class * num_classes).round().long()
 
 
-def measure(samples, sample_labels, classifier, real_features, floor, conditional):
-    predictions, features = classify(classifier, samples)
+def measure(samples, sample_labels, classifier, real_features, floor, conditional, classes=()):
+    """FD of the samples' features to the real ones and, if conditional, the accuracy: for multi-hot labels the
+    mean over the attributes (`classes`), each one's in attribute_accuracy."""
+    multi_label = conditional and sample_labels.is_floating_point()
+    predictions, features = classify(classifier, samples, multi_label)
     result = {"fd": frechet_distance(features, real_features), "fd_floor": floor}
     if conditional:
-        result["accuracy"] = (predictions == sample_labels.cpu()).float().mean().item()
+        accuracy = agreement(predictions, sample_labels)
+        result["accuracy"] = accuracy.mean().item()
+        if multi_label:
+            result["attribute_accuracy"] = dict(zip(classes, accuracy.tolist()))
     return result
 
 
@@ -297,23 +323,32 @@ def evaluate(args):
     diffusion, model = load_run(args.ckpt, device)
     dataset, data_dir = args.dataset or config.dataset, args.data_dir or config.data_dir
     size, channels = image_size(config.img_size), config.channels
-    conditional = bool(config.num_classes)
-    train, real, held_out = real_data(dataset, size, channels, data_dir)
+    conditional, multi_label = bool(config.num_classes), config.multi_label
+    train, real, held_out = real_data(dataset, size, channels, data_dir, attributes=config.attributes)
+    if train.labels.is_floating_point() != multi_label:
+        kinds = "multi-hot labels (attributes)", "one class an image"
+        raise UserError(f"'{args.ckpt}' was trained on {kinds[not multi_label]}, but '{dataset}' has "
+                        f"{kinds[multi_label]}: pass a --dataset like the run's")
     flip = default_flip(dataset)
-    classifier = get_classifier(train, classifier_path(dataset, data_dir, size, channels, flip), device,
-                                amp if amp == torch.bfloat16 else None, flip)
+    path = classifier_path(dataset, data_dir, size, channels, flip, multi_label, config.attributes)
+    classifier = get_classifier(train, path, device, amp if amp == torch.bfloat16 else None, flip)
 
     num_classes = len(real.classes)
-    counts = reference_counts(train.labels, num_classes, args.n_per_class, conditional)
-    a, b = reference_halves(real.labels, counts, args.seed)  # two real sets shaped like the samples
+    if multi_label:  # two random real sets (one "class"), the samples asked for the attributes of the first
+        a, b = reference_halves(torch.zeros(len(real.labels), dtype=torch.long),
+                                torch.tensor([args.n_per_class * num_classes]), args.seed)
+    else:
+        counts = reference_counts(train.labels, num_classes, args.n_per_class, conditional)
+        a, b = reference_halves(real.labels, counts, args.seed)  # two real sets shaped like the samples
     real_a, real_b = real[a], real[b]  # (images, labels)
-    predictions, real_features = classify(classifier, torch.cat([real_a[0], real_b[0]]))
+    predictions, real_features = classify(classifier, torch.cat([real_a[0], real_b[0]]), multi_label)
     real_features_a, real_features_b = real_features[:len(a)], real_features[len(a):]
     floor = frechet_distance(real_features_b, real_features_a)
     report = {"checkpoint": str(args.ckpt), "dataset": dataset, "n_samples": len(a),
-              "class_counts": torch.bincount(real_a[1], minlength=num_classes).tolist(),
+              "class_counts": (real_a[1].sum(0).long() if multi_label  # multi-label: images with each attribute
+                               else torch.bincount(real_a[1], minlength=num_classes)).tolist(),
               "real_reference": f"{len(a)} {held_out}",
-              "classifier_accuracy_real": (predictions == torch.cat([real_a[1], real_b[1]])).float().mean().item()}
+              "classifier_accuracy_real": agreement(predictions, torch.cat([real_a[1], real_b[1]])).mean().item()}
     print(f"classifier accuracy on {len(predictions)} real {held_out}: {report['classifier_accuracy_real']:.3f}")
     print(f"FD floor (between two sets of {len(a)} real images): {floor:.2f}")
 
@@ -331,7 +366,7 @@ def evaluate(args):
         start = time.perf_counter()
         samples = generate(diffusion, model, labels, n, cfg_scale, None if steps >= config.noise_steps else steps,
                            amp, args.seed, sampler=sampler)
-        result = measure(samples, labels, classifier, real_features_a, floor, conditional)
+        result = measure(samples, labels, classifier, real_features_a, floor, conditional, real.classes)
         result.update(cfg_scale=cfg_scale, steps=steps, sampler=sampler, seconds=round(time.perf_counter() - start, 1))
         done[key] = result, samples
         return result, samples
@@ -342,6 +377,9 @@ def evaluate(args):
             f"FD {main_result['fd']:.2f}")
     if conditional:
         line += f", conditional accuracy {main_result['accuracy']:.3f}"
+    if "attribute_accuracy" in main_result:
+        line += " (the mean of " + ", ".join(f"{name} {accuracy:.3f}" for name, accuracy in
+                                             main_result["attribute_accuracy"].items()) + ")"
     print(line)
 
     inception, how = inception_network(device)

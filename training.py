@@ -21,15 +21,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from modules import EMA, UNet, UNet_conditional
-from utils import (UserError, amp_dtype, default_flip, get_data, image_size, load_dataset, pick_device,
-                   replace_atomically, save_images, save_loss_plot, save_progress_gif, setup_logging)
+from utils import (UserError, amp_dtype, attribute_names, default_flip, get_data, image_size, load_dataset,
+                   pick_device, replace_atomically, save_images, save_loss_plot, save_progress_gif, setup_logging)
 
 # Options that may change when a run resumes; any other difference means a different run.
 RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "log_every", "device", "amp", "channels_last",
                      "compile", "num_workers", "data_dir", "cfg_scale", "sampler"}
 # Settings that config.json files written by earlier versions lack, with the value those runs had.
 EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant",
-                    "norm_groups": 1, "film": False, "timesteps": "uniform", "grad_accum": 1, "sampler": "ddim"}
+                    "norm_groups": 1, "film": False, "timesteps": "uniform", "grad_accum": 1, "sampler": "ddim",
+                    "attributes": None, "multi_label": False}
 
 
 def run_script(constants, train_step, sample_grid, conditional):
@@ -65,7 +66,8 @@ def train_on(c, train_step, sample_grid, conditional, device, rank, world_size):
     optimizer steps only, never inside one step's micro-batches, so a resume is exact with GRAD_ACCUM too."""
     log = print if rank == 0 else lambda *args: None
     models_dir, results_dir = setup_logging(c.run_name)
-    dataset = load_dataset(c.dataset, c.img_size, c.channels, "train", c.data_dir, c.num_images, c.seed)
+    dataset = load_dataset(c.dataset, c.img_size, c.channels, "train", c.data_dir, c.num_images, c.seed,
+                           getattr(c, "attributes", None))  # (ddpm.py has no ATTRIBUTES)
     complete_config(c, dataset, conditional)
     state = read_checkpoint(models_dir / "train_state.pt") if (models_dir / "train_state.pt").exists() else None
     if state is not None:
@@ -136,6 +138,8 @@ def check_config(c, conditional):
     if c.lr_schedule not in ("constant", "cosine", "linear") or c.lr_warmup < 0:
         raise UserError(f"lr_schedule={c.lr_schedule!r}, lr_warmup={c.lr_warmup}: expected 'constant', 'cosine' or "
                         f"'linear', and a warm-up of 0 or more steps")
+    if getattr(c, "attributes", None) is not None:
+        attribute_names(c.attributes)  # a clear message for a malformed --attributes before anything starts
     if c.channels not in (None, 1, 3):
         raise UserError(f"channels={c.channels}: expected 1, 3 or None (the dataset's)")
     amp_dtype("cpu", c.amp)  # a clear message for a bad --amp before anything starts
@@ -144,12 +148,17 @@ def check_config(c, conditional):
 
 
 def complete_config(c, dataset, conditional):
-    """Fill in what the dataset decides: channels, class names, flips, and num_classes (None: unconditional)."""
+    """Fill in what the dataset decides: channels, class (or attribute) names, whether the labels are multi-hot
+    vectors (multi_label), flips, and num_classes (None: unconditional)."""
     c.channels, c.classes = dataset.channels, dataset.classes
+    c.multi_label = dataset.labels.is_floating_point()
     c.flip = default_flip(c.dataset) if c.flip is None else c.flip
     if not conditional:
         c.num_classes = None
         return
+    if c.multi_label and c.num_classes not in (None, len(dataset.classes)):
+        raise UserError(f"num_classes={c.num_classes}: '{c.dataset}' has {len(dataset.classes)} attributes, and a "
+                        f"multi-label model has one class per attribute (leave --num_classes unset)")
     c.num_classes = c.num_classes or len(dataset.classes)
     if len(dataset.classes) > c.num_classes:
         raise UserError(f"labels outside num_classes: '{c.dataset}' has {len(dataset.classes)} classes, "

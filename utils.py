@@ -76,7 +76,8 @@ def autocast(device, amp_dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data. Every dataset yields (uint8 images (n, C, H, W), int64 labels (n,)) for a whole batch of indices at once.
+# Data. Every dataset yields (uint8 images (n, C, H, W), labels) for a whole batch of indices at once: int64 class
+# indices (n,), or multi-hot float vectors (n, classes) for multi-label data (multishapes, attribute tables).
 # ---------------------------------------------------------------------------------------------------------------
 
 TORCHVISION_DATASETS = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST,
@@ -94,7 +95,7 @@ def default_flip(dataset):
 
 
 class ImageTensors(torch.utils.data.TensorDataset):
-    """A dataset held in memory: uint8 images (N, C, H, W) and int64 labels (N,)."""
+    """A dataset held in memory: uint8 images (N, C, H, W) and labels: int64 (N,), or multi-hot float (N, classes)."""
 
     def __init__(self, images, labels, classes):
         super().__init__(images, labels)
@@ -106,48 +107,52 @@ class ImageTensors(torch.utils.data.TensorDataset):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """A folder of class subfolders (torchvision's ImageFolder layout), decoded and resized a batch at a time.
+    """Image files and their labels (int64 class indices (N,), or multi-hot float vectors (N, classes)), decoded and
+    resized a batch at a time.
 
     Channels: 1 if the first image is grayscale, else 3, unless given. An unreadable image is skipped with a warning
     that names it.
     """
 
-    def __init__(self, root, img_size, channels=None):
-        root = Path(root)
-        if not root.is_dir():
-            raise UserError(f"dataset folder '{root}' does not exist")
-        try:
-            folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
-        except FileNotFoundError:
-            raise UserError(f"dataset folder '{root}' has no class subfolders: put the images in "
-                            f"{root}/<class name>/ (a single subfolder for unconditional training)") from None
-        if not folder.samples:
-            raise UserError(f"dataset folder '{root}' has no images in its class subfolders "
-                            f"({', '.join(folder.classes)})")
-        self.samples, self.classes = folder.samples, folder.classes
-        self.labels = torch.tensor(folder.targets)
-        self.img_size = img_size
+    def __init__(self, paths, labels, classes, img_size, channels=None):
+        self.paths, self.labels, self.classes, self.img_size = list(paths), labels, list(classes), img_size
         if channels is None:
-            with Image.open(self.samples[0][0]) as first:
+            with Image.open(self.paths[0]) as first:
                 channels = 1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
         self.channels = channels
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.paths)
 
     def __getitem__(self, indices):
-        images, labels = [], []
+        images, kept = [], []
         for i in torch.as_tensor(indices).reshape(-1).tolist():
-            path, label = self.samples[i]
             try:
-                with Image.open(path) as image:
+                with Image.open(self.paths[i]) as image:
                     image = image.convert("L" if self.channels == 1 else "RGB")
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                warnings.warn(f"skipping unreadable image '{path}' ({e})")
+                warnings.warn(f"skipping unreadable image '{self.paths[i]}' ({e})")
                 continue
             images.append(resize_and_crop(TF.pil_to_tensor(image), self.img_size))
-            labels.append(label)
-        return torch.stack(images), torch.tensor(labels)
+            kept.append(i)
+        return torch.stack(images), self.labels[kept]
+
+
+def load_image_folder(root, size, channels=None):
+    """A folder of class subfolders (torchvision's ImageFolder layout) as ImageFiles."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"dataset folder '{root}' does not exist")
+    try:
+        folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
+    except FileNotFoundError:
+        raise UserError(f"dataset folder '{root}' has no class subfolders: put the images in "
+                        f"{root}/<class name>/ (a single subfolder for unconditional training)") from None
+    if not folder.samples:
+        raise UserError(f"dataset folder '{root}' has no images in its class subfolders "
+                        f"({', '.join(folder.classes)})")
+    return ImageFiles([path for path, _ in folder.samples], torch.tensor(folder.targets), folder.classes, size,
+                      channels)
 
 
 def resize_and_crop(images, size):
@@ -169,29 +174,43 @@ def to_channels(images, channels):
     return TF.rgb_to_grayscale(images)
 
 
-def load_dataset(dataset, img_size, channels=None, split="train", data_dir="data", num_images=None, seed=0):
+def load_dataset(dataset, img_size, channels=None, split="train", data_dir="data", num_images=None, seed=0,
+                 attributes=None):
     """The images of `dataset` at img_size, normalised later (uint8 here).
 
-    dataset: "shapes" (built in, drawn on the fly), "cifar10" / "mnist" / "fashion_mnist" (torchvision, downloaded
-    into data_dir on first use), a FER-2013 .csv file, or a folder of class subfolders. split: "train" or "test".
-    num_images: use a fixed random subset of this many images (None: all).
+    dataset: "shapes" or "multishapes" (built in, drawn on the fly), "cifar10" / "mnist" / "fashion_mnist"
+    (torchvision, downloaded into data_dir on first use), a FER-2013 .csv file, an attribute table (.txt or .csv,
+    see load_attributes), or a folder of class subfolders. split: "train" or "test". num_images: use a fixed random
+    subset of this many images (None: all). attributes: for multi-label data (multishapes, attribute tables), the
+    comma-separated names of the attributes to keep, in that order (None: all).
     """
     size = image_size(img_size)
-    if dataset == "shapes":
+    if dataset in ("shapes", "multishapes"):
         count = num_images or (SHAPES_TRAIN_IMAGES if split == "train" else SHAPES_TEST_IMAGES)
-        data = draw_shapes(count, size, seed=seed if split == "train" else seed + 1_000_003)
+        draw = draw_shapes if dataset == "shapes" else draw_multishapes
+        data = draw(count, size, seed=seed if split == "train" else seed + 1_000_003)
         num_images = None
+        if dataset == "multishapes" and attributes is not None:
+            labels, classes = select_attributes(data.labels, data.classes, attributes, "'multishapes'")
+            data = ImageTensors(data.images, labels, classes)
     elif dataset in TORCHVISION_DATASETS:
         data = load_torchvision(dataset, size, split, data_dir)
-    elif str(dataset).lower().endswith(".csv"):
-        data = load_fer2013(dataset, size, split)
+    elif str(dataset).lower().endswith((".csv", ".txt")):
+        if not Path(dataset).is_file():
+            raise UserError(f"dataset file '{dataset}' does not exist")
+        data = (load_fer2013(dataset, size, split) if is_fer2013(dataset) else
+                load_attributes(dataset, size, channels, split, attributes))
     elif Path(dataset).is_dir() or "/" in str(dataset) or os.sep in str(dataset):  # a folder, or a path to one
         if split != "train":
             raise UserError(f"dataset folder '{dataset}' has no {split} split: its images are all training images")
-        data = ImageFiles(dataset, size, channels)
+        data = load_image_folder(dataset, size, channels)
     else:
-        raise UserError(f"unknown dataset '{dataset}': expected shapes, cifar10, mnist, fashion_mnist, "
-                        f"a FER-2013 .csv file or an existing folder of class subfolders")
+        raise UserError(f"unknown dataset '{dataset}': expected shapes, multishapes, cifar10, mnist, fashion_mnist, "
+                        f"a FER-2013 .csv file, an attribute table (.txt or .csv) or an existing folder of class "
+                        f"subfolders")
+    if attributes is not None and not data.labels.is_floating_point():
+        raise UserError(f"attributes={attributes!r}: '{dataset}' has classes, not attributes (attributes are for "
+                        f"multishapes and attribute tables)")
     if isinstance(data, ImageTensors) and channels is not None:
         data = ImageTensors(to_channels(data.images, channels), data.labels, data.classes)
     if num_images is not None and num_images < len(data):
@@ -210,7 +229,7 @@ def in_memory(data):
 
 
 def subset_files(data, keep):
-    data.samples = [data.samples[i] for i in keep.tolist()]
+    data.paths = [data.paths[i] for i in keep.tolist()]
     data.labels = data.labels[keep]
     return data
 
@@ -269,7 +288,81 @@ def load_fer2013(path, size, split):
     return ImageTensors(images, torch.tensor(labels), FER_CLASSES)
 
 
-# --- the built-in dataset: procedurally drawn shapes ---
+def is_fer2013(path):
+    """Whether a .csv file is FER-2013 (its header names an emotion column) rather than an attribute table."""
+    with open(path, newline="") as f:
+        return "emotion" in next(csv.reader(f), [])
+
+
+ATTRIBUTE_VALUES = {"1": 1.0, "-1": 0.0, "0": 0.0}  # present; absent (CelebA's -1, a CSV's 0)
+
+
+def load_attributes(path, size, channels=None, split="train", attributes=None):
+    """An attribute table as ImageFiles labelled with multi-hot float vectors (1: the image has the attribute).
+
+    Either CelebA's list_attr_celeba.txt: a line with the number of images, a line of attribute names, then a line
+    `file v1 v2 ...` per image, values 1 or -1, separated by spaces; or a .csv with a header `file,attr1,attr2,...`
+    and values 1 or 0. The files are looked up in an img_align_celeba/ folder beside the table if there is one, else
+    beside the table. The last tenth of the rows is the test split, the rest the train split. attributes: the
+    comma-separated names to keep, in that order (None: all).
+    """
+    path, is_csv = Path(path), str(path).lower().endswith(".csv")
+    with open(path, newline="") as f:
+        lines = [(number, row) for number, row in enumerate(csv.reader(f) if is_csv else map(str.split, f), start=1)
+                 if row]  # (line number, values), blank lines left out
+    if not is_csv:  # CelebA's: first the number of images, then the names alone (no file column)
+        count = lines.pop(0)[1] if lines else []
+        if len(count) != 1 or not count[0].isdigit():
+            raise UserError(f"'{path}' line 1: '{' '.join(count)}': expected the number of images (CelebA's "
+                            f"list_attr_celeba.txt format), or use a .csv table with a header file,attr1,...")
+    if not lines:
+        raise UserError(f"'{path}' has no line of attribute names")
+    (header_line, header), rows = lines[0], lines[1:]
+    names = header[1:] if is_csv else header
+    folder = path.parent / "img_align_celeba" if (path.parent / "img_align_celeba").is_dir() else path.parent
+    paths, labels = [], []
+    for number, (file, *values) in rows:
+        where, file = f"'{path}' line {number}", file.strip()
+        if len(values) != len(names):
+            raise UserError(f"{where}: {len(values)} values for the {len(names)} attributes")
+        for name, value in zip(names, values):
+            if value.strip() not in ATTRIBUTE_VALUES:
+                raise UserError(f"{where}: value '{value}' for {name}: expected 1 (present), or -1 or 0 (absent)")
+        if not (folder / file).is_file():
+            raise UserError(f"{where}: image '{file}' does not exist in '{folder}'")
+        paths.append(folder / file)
+        labels.append([ATTRIBUTE_VALUES[value.strip()] for value in values])
+    cut = len(rows) - len(rows) // 10
+    part = slice(0, cut) if split == "train" else slice(cut, None)
+    if not paths[part]:
+        raise UserError(f"'{path}' has no {split} rows (the last tenth of the rows is the test split)")
+    labels, names = select_attributes(torch.tensor(labels).reshape(-1, len(names)), names, attributes,
+                                      f"'{path}' line {header_line}")
+    return ImageFiles(paths[part], labels[part], names, size, channels)
+
+
+def attribute_names(attributes):
+    """The names in a comma-separated ATTRIBUTES (e.g. "Smiling,Eyeglasses"), checked: none empty, none twice."""
+    names = [name.strip() for name in attributes.split(",")]
+    if "" in names or len(set(names)) < len(names):
+        raise UserError(f"attributes={attributes!r}: expected distinct names separated by commas, e.g. "
+                        f"Smiling,Eyeglasses")
+    return names
+
+
+def select_attributes(labels, names, attributes, where):
+    """(labels, names) of the comma-separated `attributes` only, in their order (None: all); `where` says where
+    the names come from, for the message when one is missing."""
+    if attributes is None:
+        return labels, list(names)
+    wanted = attribute_names(attributes)
+    for name in wanted:
+        if name not in names:
+            raise UserError(f"{where}: no attribute '{name}' (from --attributes) among {', '.join(names)}")
+    return labels[:, [list(names).index(name) for name in wanted]], wanted
+
+
+# --- the built-in datasets: procedurally drawn shapes ---
 
 def shape_outline(kind):
     """The outline of a shape as polygon points around the origin, radius about 1."""
@@ -297,21 +390,32 @@ def shape_outline(kind):
     raise ValueError(kind)
 
 
+def contrasting_colour(background, rng):
+    """A random colour that stands out from the background, in grayscale too."""
+    luminance = np.array([0.299, 0.587, 0.114])
+    colour = rng.integers(0, 256, 3)
+    while abs((colour - background) @ luminance) < 60:
+        colour = rng.integers(0, 256, 3)
+    return colour
+
+
+def shape_points(kind, box, rng):
+    """The polygon of a shape of random size, position and rotation inside box = (left, top, width, height)."""
+    left, top, W, H = box
+    radius = min(H, W) * rng.uniform(0.22, 0.42)
+    centre = rng.uniform([left + radius, top + radius], [left + W - radius, top + H - radius])
+    angle = rng.uniform(0, 2 * np.pi)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return [tuple(p) for p in shape_outline(kind) @ rotation.T * radius + centre]
+
+
 def draw_shape(label, size, rng, supersample=4):
     """One image of class `label`: a shape of random colour, size, position and rotation on a random background."""
     H, W = size[0] * supersample, size[1] * supersample
-    luminance = np.array([0.299, 0.587, 0.114])
     background = rng.integers(0, 256, 3)
-    colour = rng.integers(0, 256, 3)
-    while abs((colour - background) @ luminance) < 60:  # stand out from the background, in grayscale too
-        colour = rng.integers(0, 256, 3)
-    radius = min(H, W) * rng.uniform(0.22, 0.42)
-    centre = rng.uniform(radius, [W - radius, H - radius])
-    angle = rng.uniform(0, 2 * np.pi)
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    points = shape_outline(SHAPE_CLASSES[label]) @ rotation.T * radius + centre
+    colour = contrasting_colour(background, rng)
     image = Image.new("RGB", (W, H), tuple(background.tolist()))
-    ImageDraw.Draw(image).polygon([tuple(p) for p in points], fill=tuple(colour.tolist()))
+    ImageDraw.Draw(image).polygon(shape_points(SHAPE_CLASSES[label], (0, 0, W, H), rng), fill=tuple(colour.tolist()))
     return image.resize((size[1], size[0]), Image.BOX)  # the average of each 4x4 block: anti-aliased edges
 
 
@@ -320,6 +424,34 @@ def draw_shapes(count, size, seed=0):
     labels = torch.arange(count) % len(SHAPE_CLASSES)
     images = [np.asarray(draw_shape(label, size, np.random.default_rng([seed, i])))
               for i, label in enumerate(labels.tolist())]
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return ImageTensors(images, labels, SHAPE_CLASSES)
+
+
+def draw_multishape(labels, quarters, size, rng, supersample=4):
+    """One image holding the shapes SHAPE_CLASSES[labels], each of its own random colour, smaller, inside its own
+    quarter of the image (quarters: 0 top left, 1 top right, 2 bottom left, 3 bottom right)."""
+    H, W = size[0] * supersample, size[1] * supersample
+    margin = 0.1 * min(H, W) / 2  # a shape reaches up to 1.22 radii (the heart) from its centre: keep it inside
+    background = rng.integers(0, 256, 3)
+    image = Image.new("RGB", (W, H), tuple(background.tolist()))
+    for label, quarter in zip(labels, quarters):
+        colour = contrasting_colour(background, rng)
+        box = (quarter % 2 * W / 2 + margin, quarter // 2 * H / 2 + margin, W / 2 - 2 * margin, H / 2 - 2 * margin)
+        ImageDraw.Draw(image).polygon(shape_points(SHAPE_CLASSES[label], box, rng), fill=tuple(colour.tolist()))
+    return image.resize((size[1], size[0]), Image.BOX)
+
+
+def draw_multishapes(count, size, seed=0):
+    """`count` images of 1 to 3 different shapes each, in random distinct quarters, labelled multi-hot over
+    SHAPE_CLASSES (float vectors); the same for the same (count, size, seed)."""
+    images, labels = [], torch.zeros(count, len(SHAPE_CLASSES))
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        present = rng.choice(len(SHAPE_CLASSES), rng.integers(1, 4), replace=False)
+        quarters = rng.choice(4, len(present), replace=False)
+        images.append(np.asarray(draw_multishape(present, quarters, size, rng)))
+        labels[i, present] = 1
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return ImageTensors(images, labels, SHAPE_CLASSES)
 

@@ -1,4 +1,5 @@
 """Data sources, the batch order, options and checkpoints, and the clear messages for bad input."""
+import hashlib
 import socket
 from pathlib import Path
 
@@ -9,7 +10,8 @@ from PIL import Image
 
 from modules import UNet
 from training import load_weights, parse_config, save_checkpoint
-from utils import SHAPE_CLASSES, EpochBatches, UserError, get_data, load_dataset, pick_device
+from utils import (SHAPE_CLASSES, EpochBatches, UserError, draw_multishapes, draw_shapes, get_data, load_dataset,
+                   pick_device)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -36,10 +38,114 @@ def test_shapes_vary_within_a_class_and_stand_out_from_the_background():
     assert (contrast > 50).all()  # every shape is visible, in grayscale too
 
 
+def test_shapes_images_stay_the_same_for_a_seed():
+    """Fingerprints of draw_shapes taken before the multi-shape data shared its drawing code: any change to how
+    `shapes` draws (or to its random draws) changes them, and the runs and measurements made on it."""
+    for size, seed, pixel_sum, digest in (((16, 16), 0, 896976, "5bd22f8e804ee0f2"),
+                                          ((24, 40), 3, 1780215, "07d88aeed4b018a6")):
+        images = draw_shapes(6 if seed else 8, size, seed=seed).images
+        assert images.sum().item() == pixel_sum
+        assert hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16] == digest
+
+
 def test_shapes_test_split_differs_from_train():
     train = load_dataset("shapes", 16, num_images=50)
     test = load_dataset("shapes", 16, split="test", num_images=50)
     assert not torch.equal(train.images, test.images)
+
+
+# --- multishapes: 1 to 3 different shapes an image, labelled multi-hot ---
+
+def test_multishapes_have_one_to_three_different_shapes_each_in_its_own_quarter():
+    """Each label vector has 1 to 3 shapes on; exactly that many quarters hold ink, the others are the background
+    itself (the top-left pixel is always background); the same images for the same seed."""
+    data = draw_multishapes(24, (16, 16), seed=0)
+    assert data.labels.shape == (24, 6) and data.labels.dtype == torch.float32 and data.classes == list(SHAPE_CLASSES)
+    assert set(data.labels.unique().tolist()) == {0, 1} and set(data.labels.sum(1).tolist()) == {1, 2, 3}
+    background = data.images[:, :, :1, :1]
+    ink = (data.images != background).any(1)  # (24, 16, 16): pixels that differ from the background
+    inked_quarters = ink.unflatten(1, (2, 8)).unflatten(3, (2, 8)).any(dim=(2, 4)).sum(dim=(1, 2))
+    assert inked_quarters.tolist() == data.labels.sum(1).long().tolist()
+    assert torch.equal(draw_multishapes(24, (16, 16), seed=0).images, data.images)
+    assert not torch.equal(draw_multishapes(24, (16, 16), seed=1).labels, data.labels)
+
+
+def test_multishapes_through_load_dataset_and_attributes_select_in_order():
+    train = load_dataset("multishapes", 16, num_images=12)
+    test = load_dataset("multishapes", 16, split="test", num_images=12)
+    assert train.labels.shape == (12, 6) and not torch.equal(train.images, test.images)
+    picked = load_dataset("multishapes", 16, num_images=12, attributes="star, circle")
+    assert picked.classes == ["star", "circle"] and torch.equal(picked.labels, train.labels[:, [3, 0]])
+    with pytest.raises(UserError, match=r"^'multishapes': no attribute 'ring' \(from --attributes\) among circle, "):
+        load_dataset("multishapes", 16, num_images=12, attributes="circle,ring")
+    with pytest.raises(UserError, match=r"^attributes='circle,circle': expected distinct names"):
+        load_dataset("multishapes", 16, num_images=12, attributes="circle,circle")
+    with pytest.raises(UserError, match=r"^attributes='circle': 'shapes' has classes, not attributes"):
+        load_dataset("shapes", 16, num_images=12, attributes="circle")
+
+
+# --- attribute tables: CelebA's list_attr_celeba.txt, or a CSV ---
+
+def write_images(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (12, 20), (20 * i, 0, 0)).save(folder / name)
+
+
+def write_celeba(root, rows, names="Smiling Eyeglasses Male", image_folder="img_align_celeba"):
+    """A list_attr_celeba.txt of `rows` (file, values as text) and the images it lists."""
+    lines = [str(len(rows)), names] + [f"{file}  {' '.join(values)}" for file, values in rows]
+    (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    write_images(root / image_folder, [file for file, _ in rows])
+    return str(root / "list_attr_celeba.txt")
+
+
+TEN_ROWS = [(f"{i:06d}.jpg", ("1" if i % 2 else "-1", "1" if i % 3 == 0 else "-1", "-1")) for i in range(10)]
+
+
+def test_celeba_attribute_table_gives_multi_hot_labels_and_a_test_split(tmp_path):
+    path = write_celeba(tmp_path, TEN_ROWS)
+    train = load_dataset(path, 8)
+    assert train.classes == ["Smiling", "Eyeglasses", "Male"] and len(train) == 9 and train.channels == 3
+    images, labels = train[torch.arange(9)]
+    assert images.shape == (9, 3, 8, 8) and abs(images[4, 0, 0, 0].item() - 80) <= 2  # 000004.jpg: red 80 (JPEG)
+    assert labels.dtype == torch.float32 and labels[:4].tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 0]]
+    test = load_dataset(path, 8, split="test")  # the last tenth of the rows
+    assert len(test) == 1 and test.labels.tolist() == [[1, 1, 0]] and test.paths[0].name == "000009.jpg"
+    picked = load_dataset(path, 8, attributes="Eyeglasses,Smiling")
+    assert picked.classes == ["Eyeglasses", "Smiling"] and torch.equal(picked.labels, train.labels[:, [1, 0]])
+    assert len(load_dataset(path, 8, num_images=4)) == 4
+
+
+def test_csv_attribute_table_with_images_beside_it(tmp_path):
+    (tmp_path / "faces.csv").write_text("file,Smiling,Hat\na.png,1,0\nb.png,0,0\nc.png,1,1\n")
+    write_images(tmp_path, ["a.png", "b.png", "c.png"])  # no img_align_celeba/: beside the table
+    data = load_dataset(str(tmp_path / "faces.csv"), 8)
+    assert data.classes == ["Smiling", "Hat"] and data.labels.tolist() == [[1, 0], [0, 0], [1, 1]]
+    with pytest.raises(UserError, match=r"faces\.csv' has no test rows \(the last tenth"):
+        load_dataset(str(tmp_path / "faces.csv"), 8, split="test")
+
+
+CELEBA = ["3", "Smiling Eyeglasses Male", "000000.jpg -1 -1 -1", "000001.jpg 1 -1 -1", "000002.jpg -1  1 -1"]
+
+
+@pytest.mark.parametrize("table,lines,attributes,message", [
+    ("list_attr_celeba.txt", CELEBA + ["000003.jpg 1 -1"], None, r"line 6: 2 values for the 3 attributes"),
+    ("list_attr_celeba.txt", CELEBA + ["000003.jpg 1 yes -1"], None,
+     r"line 6: value 'yes' for Eyeglasses: expected 1 \(present\), or -1 or 0 \(absent\)"),
+    ("faces.csv", ["file,Smiling,Hat", "000000.jpg,1,0", "", "000001.jpg,1,2"], None, r"line 4: value '2' for Hat"),
+    ("list_attr_celeba.txt", CELEBA + ["missing.jpg 1 -1 -1"], None,
+     r"line 6: image 'missing\.jpg' does not exist in '.*img_align_celeba'"),
+    ("list_attr_celeba.txt", CELEBA, "Smiling,Beard",
+     r"line 2: no attribute 'Beard' \(from --attributes\) among Smiling, Eyeglasses, Male"),
+    ("list_attr_celeba.txt", ["Smiling Eyeglasses Male"] + CELEBA[2:], None,
+     r"line 1: 'Smiling Eyeglasses Male': expected the number of images"),
+])
+def test_bad_attribute_tables_name_the_file_the_line_and_the_value(tmp_path, table, lines, attributes, message):
+    (tmp_path / table).write_text("\n".join(lines) + "\n")
+    write_images(tmp_path / "img_align_celeba", [f"00000{i}.jpg" for i in range(4)])
+    with pytest.raises(UserError, match=rf"^'.*{table}' {message}"):
+        load_dataset(str(tmp_path / table), 8, attributes=attributes)
 
 
 # --- the order of batches ---

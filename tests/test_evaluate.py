@@ -193,3 +193,64 @@ def test_evaluate_a_run_on_an_image_folder_with_a_rare_class(tmp_path):
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["real_reference"].startswith("5 training images held out from the classifier (20% of each class")
     assert report["n_samples"] == 5 and report["class_counts"] == [4, 1]
+
+
+# --- multi-hot labels (attributes) ---
+
+def test_multi_label_measure_gives_each_attributes_accuracy_and_their_mean():
+    """A classifier that always sees attribute 0 and never attribute 1: its agreement with what each sample asked
+    for is counted per attribute, present or absent; FD is taken on its features as for single labels."""
+    torch.manual_seed(0)
+    classifier = evaluate.Classifier(3, 2).eval()
+    with torch.no_grad():
+        classifier.head.weight.zero_()
+        classifier.head.bias.copy_(torch.tensor([2.0, -2.0]))
+    samples = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    asked = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    real = torch.randn(10, 256, dtype=torch.float64)
+    result = evaluate.measure(samples, asked, classifier, real, 0.5, True, ["Smiling", "Hat"])
+    assert result["attribute_accuracy"] == {"Smiling": 0.75, "Hat": 0.5} and result["accuracy"] == 0.625
+    with torch.no_grad():
+        features = classifier.features(samples).double()
+    assert result["fd"] == pytest.approx(frechet_distance(features, real)) and result["fd_floor"] == 0.5
+    single = evaluate.measure(samples, torch.tensor([0, 0, 1, 0]), classifier, real, 0.5, True)  # argmax: class 0
+    assert single["accuracy"] == 0.75 and "attribute_accuracy" not in single
+
+
+def test_a_multi_label_classifier_learns_attributes_that_occur_together(tmp_path):
+    """Binary cross-entropy, one sigmoid per attribute: images with a red and/or a green square (each present or
+    not) are told apart attribute by attribute, both-present included; cached under a multi-label name."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (64, 2), generator=g).float()
+    images = torch.randint(0, 60, (64, 3, 8, 8), dtype=torch.uint8, generator=g)
+    images[:, 0, :4, :4] += (labels[:, 0, None, None] * 190).byte()  # red top left: attribute 0
+    images[:, 1, 4:, 4:] += (labels[:, 1, None, None] * 190).byte()  # green bottom right: attribute 1
+    path = evaluate.classifier_path("multishapes", tmp_path, (8, 8), 3, multi_label=True, attributes="star,circle")
+    assert path.name == "multishapes_classifier_8x8_c3_multilabel_star-circle.pt"
+    assert path != evaluate.classifier_path("shapes", tmp_path, (8, 8), 3)
+    from utils import ImageTensors
+    classifier = evaluate.get_classifier(ImageTensors(images, labels, ["red", "green"]), path, "cpu", flip=False,
+                                         max_steps=40)
+    predictions, _ = evaluate.classify(classifier, images, multi_label=True)
+    assert predictions.dtype == torch.bool and evaluate.agreement(predictions, labels).min() > 0.9
+    both = (labels == 1).all(1)
+    assert both.any() and predictions[both].float().mean() > 0.9 and path.exists()
+
+
+def test_a_checkpoint_and_data_of_different_label_kinds_are_refused(tmp_path):
+    """A single-label run evaluated against an attribute table (multi-hot labels) stops with one line."""
+    import ddpm_conditional
+    from training import make_model, parse_config
+    (tmp_path / "faces.csv").write_text("file,Smiling,Hat\n" + "".join(f"{i}.png,1,0\n" for i in range(10)))
+    for i in range(10):
+        Image.new("RGB", (16, 16)).save(tmp_path / f"{i}.png")
+    config = vars(parse_config(vars(ddpm_conditional), ["--img_size", "16", "--width", "8"]))
+    config.update(dataset=str(tmp_path / "faces.csv"), channels=3, num_classes=2, classes=["a", "b"],
+                  multi_label=False)
+    models = tmp_path / "models" / "run"
+    models.mkdir(parents=True)
+    (models / "config.json").write_text(json.dumps(config))
+    torch.save(make_model(types.SimpleNamespace(**config)).state_dict(), models / "ema_ckpt.pt")
+    with pytest.raises(SystemExit, match=r"^error: '.*ema_ckpt\.pt' was trained on one class an image, but "
+                                         r"'.*faces\.csv' has multi-hot labels \(attributes\): pass a --dataset"):
+        evaluate.main(["--ckpt", str(models / "ema_ckpt.pt"), "--device", "cpu"])

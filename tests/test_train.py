@@ -158,7 +158,8 @@ def test_sampler_option_is_checked_first_and_old_runs_read_as_ddim(tmp_path):
     with pytest.raises(UserError, match=r"^sampler 'plms': expected 'ddim' or 'dpm\+\+'$"):
         check_config(config, conditional=True)
     (tmp_path / "config.json").write_text(json.dumps({"sample_steps": 50}))
-    assert read_config(tmp_path).sampler == "ddim"
+    old = read_config(tmp_path)
+    assert (old.sampler, old.attributes, old.multi_label) == ("ddim", None, False)  # before ATTRIBUTES: one label
 
 
 def test_a_run_saved_on_another_device_resumes_with_a_new_random_stream(tmp_path):
@@ -310,6 +311,10 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--num_images", "abc"], "error: --num_images abc: expected a value of type int (the default is None)"),
     (["--device", "gpu"], "error: device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
     (["--amp", "fp8"], "error: amp='fp8': expected True (automatic), False, 'bf16' or 'fp16'"),
+    (["--attributes", "circle,"], "error: attributes='circle,': expected distinct names separated by commas"),
+    (["--attributes", "circle"], "error: attributes='circle': 'shapes' has classes, not attributes"),
+    (["--dataset", "multishapes", "--num_classes", "4"],
+     "error: num_classes=4: 'multishapes' has 6 attributes, and a multi-label model has one class per attribute"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args, message):
     """In this process, as `python ddpm_conditional.py ...` runs it (the next test runs one case as a command)."""
@@ -361,9 +366,9 @@ def test_the_tutorials_notebook_lines_work():
     assert x.shape == (4, 3, 8, 8) and x.dtype == torch.uint8
 
 
-def readme_notebook_cells():
+def readme_notebook_cells(marker="notebook cell"):
     readme = (REPO / "README.md").read_text()
-    cells = re.findall(r"<!-- notebook cell -->\s*```python\n(.*?)```", readme, re.S)
+    cells = re.findall(rf"<!-- {marker} -->\s*```python\n(.*?)```", readme, re.S)
     assert cells, "README.md has no notebook cell"
     return cells
 
@@ -400,3 +405,44 @@ def test_the_readme_command_for_the_tutorials_setting_gives_the_tutorials_settin
                     loss_weighting="none", timesteps="uniform", lr=3e-4, lr_warmup=0, lr_schedule="constant",
                     ema_beta=0.995, ema_start=2000, grad_accum=1)
     assert {k: getattr(config, k) for k in tutorial} == tutorial
+
+
+def test_grid_labels_a_row_per_attribute_then_the_first_two_and_three_together():
+    from ddpm_conditional import grid_labels
+    three = grid_labels(argparse.Namespace(multi_label=True, num_classes=3), per_row=2)
+    assert three.tolist() == [[1, 0, 0]] * 2 + [[0, 1, 0]] * 2 + [[0, 0, 1]] * 2 + [[1, 1, 0]] * 2 + [[1, 1, 1]] * 2
+    forty = grid_labels(argparse.Namespace(multi_label=True, num_classes=40), per_row=1)
+    assert forty.shape == (10, 40) and torch.equal(forty[:8], torch.eye(40)[:8])  # at most 8 single attributes
+    assert forty[8:].sum(1).tolist() == [2, 3] and forty[9, :3].tolist() == [1, 1, 1]
+    assert grid_labels(argparse.Namespace(multi_label=True, num_classes=1), per_row=1).tolist() == [[1]]
+    assert grid_labels(argparse.Namespace(multi_label=False, num_classes=12), per_row=1).tolist() == list(range(10))
+
+
+def test_an_attribute_table_run_and_the_readme_attributes_cell(tmp_path, monkeypatch):
+    """A tiny run on a CelebA-format table, --attributes Smiling,Eyeglasses (in process): config.json records
+    multi-hot labels and the attributes in that order; the grid has a row for each and one of both; the README's
+    attributes cell samples smiling + eyeglasses from it."""
+    import matplotlib
+    import ddpm_conditional
+    from training import parse_config, train
+    from utils import draw_multishapes
+    matplotlib.use("Agg")
+    shapes = draw_multishapes(20, (16, 16))
+    (tmp_path / "img_align_celeba").mkdir()
+    lines = ["20", "Male Smiling Eyeglasses"]
+    for i, (image, label) in enumerate(zip(shapes.images, shapes.labels)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "img_align_celeba" / f"{i:06d}.png")
+        lines.append(f"{i:06d}.png " + " ".join("1" if v else "-1" for v in label[:3].tolist()))
+    (tmp_path / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    config = parse_config(vars(ddpm_conditional), TINY + ["--dataset", "list_attr_celeba.txt", "--run_name", "celeba",
+                                                          "--attributes", "Smiling,Eyeglasses", "--epochs", "1",
+                                                          "--num_workers", "0", "--batch_size", "6"])
+    train(config, ddpm_conditional.train_step, ddpm_conditional.sample_grid, conditional=True)
+    saved = json.loads(Path("models/celeba/config.json").read_text())
+    assert (saved["multi_label"], saved["num_classes"], saved["classes"]) == (True, 2, ["Smiling", "Eyeglasses"])
+    assert Image.open("results/celeba/1.jpg").size == (2 + 8 * 18, 2 + 3 * 18)  # Smiling, Eyeglasses, both
+    namespace = {}
+    [cell] = readme_notebook_cells("notebook cell: attributes")
+    exec(cell, namespace)
+    assert namespace["y"].tolist() == [[1, 1]] * 8 and namespace["x"].shape == (8, 3, 16, 16)
