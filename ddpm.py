@@ -58,7 +58,7 @@ SEED = 0
 # --- machine ---
 DEVICE = "auto"           # "auto": CUDA, else Apple MPS, else CPU
 AMP: bool | str = True   # mixed precision: bf16 where native, fp16 on older CUDA GPUs, else fp32; or "fp16"/"bf16"
-CHANNELS_LAST = True      # channels-last memory format: faster convolutions on CPUs and tensor-core GPUs
+CHANNELS_LAST = False     # channels-last memory format: True for tensor-core GPUs; on CPUs it slows GroupNorm in >1 group
 COMPILE = False           # torch.compile the model
 NUM_WORKERS = 4           # DataLoader workers for image folders (in-memory datasets need none)
 
