@@ -2,7 +2,10 @@
 weights (after a clean stop or a kill at any moment), stops on bad input with one clear line; the README's notebook
 cell samples from what it wrote."""
 import argparse
+import contextlib
 import copy
+import importlib
+import io
 import json
 import math
 import os
@@ -19,6 +22,7 @@ from PIL import Image
 
 from ddpm import Diffusion, train_step
 from modules import EMA
+from training import run_script
 from utils import UserError, default_flip
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +37,25 @@ def command(script, *args):
 
 
 def run(script, *args, cwd, expect_ok=True):
-    result = subprocess.run(command(script, *args), cwd=cwd, capture_output=True, text=True, timeout=300)
+    """`python <script> <TINY> <args>` in `cwd`, run in this process as the script's `__main__` runs it (an
+    interpreter start saved a run): exit status, stdout and stderr as subprocess.run gives them. The kill test, the
+    one-line error test and torchrun run real commands."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    out, err, returncode = io.StringIO(), io.StringIO(), 0
+    old_cwd, old_argv = os.getcwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv = command(script, *args)[1:]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_script(vars(module), module.train_step, module.sample_grid, script == "ddpm_conditional.py")
+    except SystemExit as stop:  # sys.exit(text): the text on stderr, exit status 1
+        if stop.code not in (None, 0):
+            err.write(f"{stop.code}\n")
+            returncode = 1
+    finally:
+        os.chdir(old_cwd)
+        sys.argv = old_argv
+    result = subprocess.CompletedProcess(sys.argv, returncode, out.getvalue(), err.getvalue())
     if expect_ok:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -328,7 +350,8 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args, message):
 
 
 def test_bad_input_stops_the_command_with_one_line_and_status_1(tmp_path):
-    result = run("ddpm_conditional.py", "--epochs", "ten", cwd=tmp_path, expect_ok=False)
+    result = subprocess.run(command("ddpm_conditional.py", "--epochs", "ten"), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)  # a real command: its exit status and what it prints
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: --epochs ten: expected a value of type int (the default is 24)")
 
