@@ -289,7 +289,10 @@ def load_fer2013(path, size, split):
 
 
 def is_fer2013(path):
-    """Whether a .csv file is FER-2013 (its header names an emotion column) rather than an attribute table."""
+    """Whether a data file is FER-2013 (a .csv whose header names an emotion column) rather than an attribute table
+    (CelebA's .txt, or any other .csv)."""
+    if not str(path).lower().endswith(".csv"):
+        return False
     with open(path, newline="") as f:
         return "emotion" in next(csv.reader(f), [])
 
@@ -322,16 +325,16 @@ def load_attributes(path, size, channels=None, split="train", attributes=None):
     folder = path.parent / "img_align_celeba" if (path.parent / "img_align_celeba").is_dir() else path.parent
     paths, labels = [], []
     for number, (file, *values) in rows:
-        where, file = f"'{path}' line {number}", file.strip()
+        where, file, values = f"'{path}' line {number}", file.strip(), [value.strip() for value in values]
         if len(values) != len(names):
             raise UserError(f"{where}: {len(values)} values for the {len(names)} attributes")
         for name, value in zip(names, values):
-            if value.strip() not in ATTRIBUTE_VALUES:
+            if value not in ATTRIBUTE_VALUES:
                 raise UserError(f"{where}: value '{value}' for {name}: expected 1 (present), or -1 or 0 (absent)")
         if not (folder / file).is_file():
             raise UserError(f"{where}: image '{file}' does not exist in '{folder}'")
         paths.append(folder / file)
-        labels.append([ATTRIBUTE_VALUES[value.strip()] for value in values])
+        labels.append([ATTRIBUTE_VALUES[value] for value in values])
     cut = len(rows) - len(rows) // 10
     part = slice(0, cut) if split == "train" else slice(cut, None)
     if not paths[part]:
