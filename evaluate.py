@@ -2,6 +2,7 @@
 
     python evaluate.py --ckpt models/DDPM_conditional/ema_ckpt.pt
     python evaluate.py --ckpt models/DDPM_conditional/ema_ckpt.pt --sweep     # cfg_scale, samplers and steps
+    python evaluate.py --ckpt models/DDPM_conditional/ema_ckpt.pt --ode_error 48   # each sampler's own error
 
 The run's settings (dataset, image size, model) come from config.json beside the checkpoint. Reported:
   1. conditional accuracy: the fraction of samples that the classifier assigns to the class that was asked for
@@ -9,7 +10,8 @@ The run's settings (dataset, image size, model) come from config.json beside the
      fraction of samples in which the classifier sees each attribute as asked for (present or absent), and their mean;
   2. FD: the Frechet distance between the classifier's penultimate-layer features of the samples and of real
      held-out images, computed exactly as FID is; beside it the FD between two halves of the real data (the floor);
-  3. FID with Inception-v3 where its weights are already on this machine (they are never downloaded here).
+  3. FID with Inception-v3 where its weights are already on this machine (they are never downloaded here);
+  4. with --ode_error N: the sampler's error alone, apart from the model's (see ode_errors).
 The classifier, a small CNN (one sigmoid output per attribute for multi-hot labels), is trained on the first call
 for a dataset and size, and cached beside the data. A dataset without a test split (a folder) lends a fifth of its
 images, held out from the classifier, as the real set. Multi-hot samples are asked for the attributes of real test
@@ -267,6 +269,25 @@ def generate(diffusion, model, labels, n, cfg_scale, steps, amp_dtype, seed=0, b
     return torch.cat(images).cpu()
 
 
+def ode_errors(diffusion, model, labels, n, cfg_scale, amp_dtype, seed=0, reference_steps=250):
+    """The solver's error alone, whatever the model's: the RMS distance (in [-1, 1] units) of each deterministic
+    sampler's output (DDIM 10, 20, 50, 100 and DPM++ 10, 20, 50 steps) to the diffusion ODE's own solution for the
+    same noise and labels, taken as DPM++ at `reference_steps` steps. FD measures both errors together."""
+    generator = torch.Generator(diffusion.device).manual_seed(seed)
+    x_T = torch.randn((n, diffusion.channels, *diffusion.img_size), device=diffusion.device, generator=generator)
+
+    def solve(sampler, steps):
+        with autocast(diffusion.device, amp_dtype):
+            return diffusion.denoise(model, x_T, labels, cfg_scale, steps, sampler=sampler).float()
+
+    reference_steps = min(reference_steps, diffusion.noise_steps - 1)  # all T steps would be the ancestral sampler
+    reference = solve("dpm++", reference_steps)
+    return [{"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "n_samples": n,
+             "rms": (solve(sampler, steps) - reference).square().mean().sqrt().item()}
+            for sampler, steps in [("ddim", s) for s in (10, 20, 50, 100)] + [("dpm++", s) for s in (10, 20, 50)]
+            if steps < reference_steps]
+
+
 def sweep_plot(rows, path):
     """FD (circles) and accuracy (squares) against cfg_scale and against the sampler steps: DDIM solid (1000 steps:
     the ancestral sampler), DPM++ dotted."""
@@ -305,6 +326,9 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="also sweep cfg_scale (0,1,2,3,5) and steps: DDIM "
                                                              "10,20,50,100, DPM++ 10,20,50, ancestral; a table and "
                                                              "a PNG plot")
+    parser.add_argument("--ode_error", type=int, default=0, metavar="N",
+                        help="also measure each DDIM and DPM++ setting's distance to the ODE's solution (DPM++ at 250 "
+                             "steps) from the same noise, on N samples (0: off)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every figure to this JSON file")
@@ -409,6 +433,15 @@ def evaluate(args):
         plot = Path(args.ckpt).with_name("sweep.png")
         sweep_plot(rows, plot)
         print(f"plot: {plot}")
+    if args.ode_error:
+        m = min(args.ode_error, n)
+        subset = None if labels is None else labels[torch.linspace(0, n - 1, m).long()]  # spread over the classes
+        rows = ode_errors(diffusion, model, subset, m, args.cfg_scale, amp, args.seed)
+        report["ode_error"] = rows
+        print(f"\ndistance to the ODE's solution (DPM++ 250 steps), RMS in [-1, 1] units, {m} samples, "
+              f"cfg_scale {args.cfg_scale:g}:\n| sampler | RMS |\n|---|---|")
+        for r in rows:
+            print(f"| {sampler_name(r['steps'], r['sampler'], config)} | {r['rms']:.4f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 import evaluate
+from ddpm import Diffusion
 from evaluate import frechet_distance, inception_features, inception_network, reference_counts, reference_halves
+from test_diffusion import MU, STD, GaussianEps
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -146,6 +148,31 @@ def test_sweep_names_and_plots_each_sampler(tmp_path):
     assert Image.open(tmp_path / "sweep.png").size == (1000, 400)
     with pytest.raises(SystemExit, match="^error: sampler 'plms': expected 'ddim' or 'dpm\\+\\+'$"):
         evaluate.main(["--ckpt", str(tmp_path / "none.pt"), "--sampler", "plms"])
+
+
+def test_ode_error_is_each_samplers_distance_to_the_odes_solution():
+    """ode_errors on Gaussian data, with the exact predictor: every deterministic sampler maps x_T to
+    mu + K (x_T - sqrt(alpha_hat_T) mu), with its own K (test_diffusion.deterministic_gain), so its RMS distance to
+    the reference's output from the same noise is |K - K_reference| RMS(x_T - sqrt(alpha_hat_T) mu), in closed form
+    from one pixel. DDIM's distance halves as its steps double; DPM-Solver++'s is far smaller at each."""
+    diffusion = Diffusion(img_size=8, channels=2, device="cpu", prediction="v")
+    model = GaussianEps(diffusion, MU, STD)
+    rows = evaluate.ode_errors(diffusion, model, None, 16, cfg_scale=1, amp_dtype=None, seed=3, reference_steps=200)
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
+                                                         ("dpm++", 10), ("dpm++", 20), ("dpm++", 50)]
+    x_T = torch.randn((16, 2, 8, 8), generator=torch.Generator().manual_seed(3))
+    spread = (x_T - diffusion.alpha_hat_list[-1] ** 0.5 * MU).square().mean().sqrt().item()
+
+    def gain(sampler, steps):  # K, from the map of one pixel with x_T = 1
+        x = diffusion.denoise(model, torch.ones(1, 1, 1, 1), steps=steps, sampler=sampler).item()
+        return (x - MU) / (1 - diffusion.alpha_hat_list[-1] ** 0.5 * MU)
+
+    reference = gain("dpm++", 200)
+    for r in rows:
+        assert r["rms"] == pytest.approx(abs(gain(r["sampler"], r["steps"]) - reference) * spread, rel=1e-3, abs=1e-6)
+    rms = {(r["sampler"], r["steps"]): r["rms"] for r in rows}
+    assert rms["ddim", 10] > rms["ddim", 20] > rms["ddim", 50] > rms["ddim", 100]
+    assert all(rms["dpm++", s] < rms["ddim", s] / 5 for s in (10, 20, 50))
 
 
 def test_evaluate_a_tiny_conditional_run(tmp_path):
