@@ -47,7 +47,7 @@ MIN_SNR_GAMMA = 5.0
 TIMESTEPS = "logit_normal"  # how training draws t: "logit_normal" (Esser et al. 2024) or "uniform" (the tutorial's)
 # --- training ---
 EPOCHS = 24
-BATCH_SIZE = 32
+BATCH_SIZE = 16           # images a step; tutorial: 14. On a CPU more steps beat bigger batches (README)
 GRAD_ACCUM = 1            # micro-batches of BATCH_SIZE per optimizer step (a big model on a small GPU): same result
 LR = 2e-3                 # peak learning rate; tutorial: 3e-4
 LR_WARMUP = 200           # steps of linear warm-up from 0 to LR; tutorial: 0
