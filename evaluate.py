@@ -341,6 +341,8 @@ def main(argv=None):
 
 def evaluate(args):
     check_sampler(args.sampler)
+    if args.ode_error < 0:
+        raise UserError(f"--ode_error {args.ode_error}: expected a number of samples (0: off)")
     device = pick_device(args.device)
     amp = amp_dtype(device)
     config = read_config(args.ckpt)

@@ -148,6 +148,8 @@ def test_sweep_names_and_plots_each_sampler(tmp_path):
     assert Image.open(tmp_path / "sweep.png").size == (1000, 400)
     with pytest.raises(SystemExit, match="^error: sampler 'plms': expected 'ddim' or 'dpm\\+\\+'$"):
         evaluate.main(["--ckpt", str(tmp_path / "none.pt"), "--sampler", "plms"])
+    with pytest.raises(SystemExit, match="^error: --ode_error -1: expected a number of samples \\(0: off\\)$"):
+        evaluate.main(["--ckpt", str(tmp_path / "none.pt"), "--ode_error", "-1"])
 
 
 def test_ode_error_is_each_samplers_distance_to_the_odes_solution():
