@@ -1,6 +1,7 @@
 """evaluate.py: the Frechet distance against closed forms, the real reference sets, Inception features with a stand-in
 network, and whole evaluations of tiny runs (built-in data, an image folder)."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from PIL import Image
 import evaluate
 from ddpm import Diffusion
 from evaluate import frechet_distance, inception_features, inception_network, reference_counts, reference_halves
-from test_diffusion import MU, STD, GaussianEps
+from test_diffusion import MU, STD, GaussianEps, deterministic_gain
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -154,27 +155,29 @@ def test_sweep_names_and_plots_each_sampler(tmp_path):
 
 def test_ode_error_is_each_samplers_distance_to_the_odes_solution():
     """ode_errors on Gaussian data, with the exact predictor: every deterministic sampler maps x_T to
-    mu + K (x_T - sqrt(alpha_hat_T) mu), with its own K (test_diffusion.deterministic_gain), so its RMS distance to
-    the reference's output from the same noise is |K - K_reference| RMS(x_T - sqrt(alpha_hat_T) mu), in closed form
-    from one pixel. DDIM's distance halves as its steps double; DPM-Solver++'s is far smaller at each."""
+    mu + K (x_T - sqrt(alpha_hat_T) mu), with its own K = K_exact (1 + deterministic_gain), so its RMS distance to
+    the reference's output from the same noise is K_exact |gain - gain_reference| RMS(x_T - sqrt(alpha_hat_T) mu),
+    in closed form. DDIM's distance halves as its steps double; DPM-Solver++'s is far smaller at each."""
     diffusion = Diffusion(img_size=8, channels=2, device="cpu", prediction="v")
-    model = GaussianEps(diffusion, MU, STD)
-    rows = evaluate.ode_errors(diffusion, model, None, 16, cfg_scale=1, amp_dtype=None, seed=3, reference_steps=200)
+    reference_steps, rows = evaluate.ode_errors(diffusion, GaussianEps(diffusion, MU, STD), None, 16, cfg_scale=1,
+                                                amp_dtype=None, seed=3, reference_steps=200)
+    assert reference_steps == 200
     assert [(r["sampler"], r["steps"]) for r in rows] == [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
                                                          ("dpm++", 10), ("dpm++", 20), ("dpm++", 50)]
+    a_T = diffusion.alpha_hat_list[-1]
     x_T = torch.randn((16, 2, 8, 8), generator=torch.Generator().manual_seed(3))
-    spread = (x_T - diffusion.alpha_hat_list[-1] ** 0.5 * MU).square().mean().sqrt().item()
-
-    def gain(sampler, steps):  # K, from the map of one pixel with x_T = 1
-        x = diffusion.denoise(model, torch.ones(1, 1, 1, 1), steps=steps, sampler=sampler).item()
-        return (x - MU) / (1 - diffusion.alpha_hat_list[-1] ** 0.5 * MU)
-
-    reference = gain("dpm++", 200)
+    spread = (x_T - math.sqrt(a_T) * MU).square().mean().sqrt().item()
+    K_exact = STD / math.sqrt(a_T * STD ** 2 + 1 - a_T)
+    reference = deterministic_gain(diffusion, 200, "dpm++")
     for r in rows:
-        assert r["rms"] == pytest.approx(abs(gain(r["sampler"], r["steps"]) - reference) * spread, rel=1e-3, abs=1e-6)
+        expected = K_exact * abs(deterministic_gain(diffusion, r["steps"], r["sampler"]) - reference) * spread
+        assert r["rms"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
     rms = {(r["sampler"], r["steps"]): r["rms"] for r in rows}
     assert rms["ddim", 10] > rms["ddim", 20] > rms["ddim", 50] > rms["ddim", 100]
     assert all(rms["dpm++", s] < rms["ddim", s] / 5 for s in (10, 20, 50))
+    short = Diffusion(noise_steps=30, img_size=8, channels=2, device="cpu", prediction="v")
+    reference_steps, rows = evaluate.ode_errors(short, GaussianEps(short, MU, STD), None, 2, 1, None)
+    assert reference_steps == 29 and [r["steps"] for r in rows] == [10, 20, 10, 20]  # T steps would be ancestral
 
 
 def test_evaluate_a_tiny_conditional_run(tmp_path):
@@ -186,7 +189,7 @@ def test_evaluate_a_tiny_conditional_run(tmp_path):
                    capture_output=True, timeout=300)
     env_home = {"TORCH_HOME": str(tmp_path / "torch_home")}  # an empty cache: no Inception weights
     command = [sys.executable, str(REPO / "evaluate.py"), "--ckpt", "models/DDPM_conditional/ema_ckpt.pt",
-               "--n_per_class", "4", "--steps", "3", "--sampler", "dpm++", "--json", "out.json"]
+               "--n_per_class", "4", "--steps", "3", "--sampler", "dpm++", "--ode_error", "6", "--json", "out.json"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, **env_home})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -197,6 +200,10 @@ def test_evaluate_a_tiny_conditional_run(tmp_path):
     assert report["main"]["fd"] > 0 and report["main"]["fd_floor"] > 0 and report["fid"] is None
     assert report["classifier_accuracy_real"] > 0.9  # the built-in shapes are easy to tell apart
     assert list((tmp_path / "data").glob("shapes_classifier_16x16_c3.pt"))
+    assert "distance to the ODE's solution (DPM++ 250 steps), RMS in [-1, 1] units, 6 samples" in result.stdout
+    assert report["ode_error"]["reference"] == "DPM++ 250 steps"
+    assert [(r["sampler"], r["steps"], r["n_samples"]) for r in report["ode_error"]["rows"]][::3] == [
+        ("ddim", 10, 6), ("ddim", 100, 6), ("dpm++", 50, 6)]
 
 
 def test_evaluate_a_run_on_an_image_folder_with_a_rare_class(tmp_path):

@@ -55,7 +55,7 @@ def run(script, *args, cwd, expect_ok=True):
     finally:
         os.chdir(old_cwd)
         sys.argv = old_argv
-    result = subprocess.CompletedProcess(sys.argv, returncode, out.getvalue(), err.getvalue())
+    result = subprocess.CompletedProcess(command(script, *args), returncode, out.getvalue(), err.getvalue())
     if expect_ok:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
