@@ -30,7 +30,7 @@ RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "log_every", 
 # Settings that config.json files written by earlier versions lack, with the value those runs had.
 EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant",
                     "norm_groups": 1, "film": False, "timesteps": "uniform", "grad_accum": 1, "sampler": "ddim",
-                    "attributes": None, "multi_label": False}
+                    "attributes": None, "multi_label": False, "res_blocks": 1}
 
 
 def run_script(constants, train_step, sample_grid, conditional):
@@ -130,6 +130,8 @@ def check_config(c, conditional):
         raise UserError(f"norm_groups={c.norm_groups}: must divide width={c.width}")
     if not set(c.attention) <= {1, 2, 4, 8}:
         raise UserError(f"attention={c.attention}: factors must be among 1, 2, 4, 8")
+    if c.res_blocks < 0:
+        raise UserError(f"res_blocks={c.res_blocks}: must be 0 or more")
     for name in ("epochs", "batch_size", "grad_accum", "noise_steps", "sample_steps", "log_every"):
         if getattr(c, name) < 1:
             raise UserError(f"{name}={getattr(c, name)}: must be at least 1")
@@ -302,9 +304,9 @@ def make_model(config):
     if config.num_classes:
         return UNet_conditional(config.channels, config.channels, num_classes=config.num_classes,
                                 width=config.width, attention=config.attention, norm_groups=config.norm_groups,
-                                film=config.film)
+                                film=config.film, res_blocks=config.res_blocks)
     return UNet(config.channels, config.channels, width=config.width, attention=config.attention,
-                norm_groups=config.norm_groups, film=config.film)
+                norm_groups=config.norm_groups, film=config.film, res_blocks=config.res_blocks)
 
 
 def make_diffusion(config, device):

@@ -170,6 +170,26 @@ def test_norm_groups_normalise_each_group_and_keep_the_keys():
         UNet(width=16, norm_groups=3)
 
 
+def test_res_blocks_add_one_residual_block_per_level_each():
+    """RES_BLOCKS: each Down and Up level has that many residual DoubleConvs (width kept) before the one that changes
+    the width. Each extra block adds exactly one DoubleConv(c, c) per level (c: the level's input channels, w, 2w, 4w
+    down and 8w, 4w, 2w up; 2 bias-free 3x3 convolutions and 2 GroupNorms: 18c^2 + 4c parameters); the tutorial's 1
+    keeps its keys."""
+    def params(model):
+        return sum(p.numel() for p in model.parameters())
+
+    w = 16
+    per_block = sum(18 * c * c + 4 * c for c in (w, 2 * w, 4 * w, 8 * w, 4 * w, 2 * w))
+    models = {r: UNet(width=w, res_blocks=r) for r in (0, 1, 2)}
+    assert params(models[1]) - params(models[0]) == params(models[2]) - params(models[1]) == per_block
+    assert models[1].state_dict().keys() == UNet(width=w).state_dict().keys()
+    for r, model in models.items():
+        residual = [m for m in model.modules() if isinstance(m, DoubleConv) and m.residual]
+        assert len(residual) == 6 * r
+        with torch.no_grad():
+            assert model(torch.randn(2, 3, 16, 24), torch.tensor([1, 500])).shape == (2, 3, 16, 24)
+
+
 def test_film_scales_and_shifts_by_the_embedding():
     """FILM: a Down block's output is x (1 + scale) + shift, scale and shift the halves of its projected embedding;
     without it the embedding is added (the tutorial's, with its keys and shapes)."""

@@ -326,6 +326,7 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--img_size", "30"], "error: img_size=30: height and width must be positive and divisible by 8"),
+    (["--res_blocks", "-1"], "error: res_blocks=-1: must be 0 or more"),
     (["--dataset", "no/such/folder"], "error: dataset folder 'no/such/folder' does not exist"),
     (["--num_classes", "4"], "error: labels outside num_classes: 'shapes' has 6 classes, but num_classes=4"),
     (["--epochs", "ten"], "error: --epochs ten: expected a value of type int (the default is 24)"),
