@@ -166,6 +166,8 @@ class UNet(nn.Module):
             raise ValueError(f"width={width}: must be a multiple of 4 (self-attention uses 4 heads)")
         if not set(attention) <= {1, 2, 4, 8}:
             raise ValueError(f"attention={tuple(attention)}: factors must be among 1, 2, 4, 8")
+        if res_blocks < 0:
+            raise ValueError(f"res_blocks={res_blocks}: must be 0 or more")
         self.time_dim = time_dim
         w = width
 

@@ -301,12 +301,11 @@ def check_same_run(saved, current, models_dir):
 
 def make_model(config):
     """The UNet a configuration describes: conditional when config.num_classes is set."""
+    shape = dict(width=config.width, attention=config.attention, norm_groups=config.norm_groups, film=config.film,
+                 res_blocks=config.res_blocks)
     if config.num_classes:
-        return UNet_conditional(config.channels, config.channels, num_classes=config.num_classes,
-                                width=config.width, attention=config.attention, norm_groups=config.norm_groups,
-                                film=config.film, res_blocks=config.res_blocks)
-    return UNet(config.channels, config.channels, width=config.width, attention=config.attention,
-                norm_groups=config.norm_groups, film=config.film, res_blocks=config.res_blocks)
+        return UNet_conditional(config.channels, config.channels, num_classes=config.num_classes, **shape)
+    return UNet(config.channels, config.channels, **shape)
 
 
 def make_diffusion(config, device):

@@ -188,6 +188,8 @@ def test_res_blocks_add_one_residual_block_per_level_each():
         assert len(residual) == 6 * r
         with torch.no_grad():
             assert model(torch.randn(2, 3, 16, 24), torch.tensor([1, 500])).shape == (2, 3, 16, 24)
+    with pytest.raises(ValueError, match="res_blocks=-1: must be 0 or more"):
+        UNet(width=w, res_blocks=-1)
 
 
 def test_film_scales_and_shifts_by_the_embedding():
