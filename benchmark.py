@@ -106,6 +106,7 @@ def main(argv=None):
     parser.add_argument("--attention", default="1,2,4,8", help="downsampling factors with self-attention")
     parser.add_argument("--norm_groups", type=int, default=1, help="GroupNorm groups (1: the tutorial's)")
     parser.add_argument("--res_blocks", type=int, default=1, help="residual blocks per level (1: the tutorial's)")
+    parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw", help="adamw: the tutorial's")
     parser.add_argument("--film", action=argparse.BooleanOptionalAction, default=False,
                         help="the embedding as a scale and shift (off: the tutorial's addition)")
     parser.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=True)
@@ -155,7 +156,7 @@ def benchmark(args):
     model = make_model(config).to(device, memory_format=memory_format)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     ema = EMA(0.995)
-    optimizer = make_optimizer(model, 3e-4, device)
+    optimizer = make_optimizer(model, 3e-4, device, args.optimizer)
     diffusion = make_diffusion(config, device)
     train_model = torch.compile(model) if args.compile else model
     generator = torch.Generator(device).manual_seed(0)

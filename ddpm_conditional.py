@@ -53,6 +53,7 @@ GRAD_ACCUM = 1            # micro-batches of BATCH_SIZE per optimizer step (a bi
 LR = 2e-3                 # peak learning rate; tutorial: 3e-4
 LR_WARMUP = 200           # steps of linear warm-up from 0 to LR; tutorial: 0
 LR_SCHEDULE = "cosine"    # then "cosine" or "linear" decay to 0 at the last step, or "constant" (the tutorial's)
+OPTIMIZER = "adamw"       # "adamw" (the tutorial's) or "muon" (Muon for the weight matrices, AdamW for the rest)
 CFG_DROP = 0.1            # probability that a sample's label is replaced by the null condition
 CFG_SCALE = 3.0           # guidance scale of the sample grids: 1 conditional, 0 unconditional, >1 guided
 EMA_BETA = 0.99           # EMA decay, matched to a short run; tutorial: 0.995

@@ -1,6 +1,7 @@
 """The machinery around the training step that no tutorial video teaches, shared by ddpm.py and ddpm_conditional.py:
 the loop over epochs, checkpoint files and exact resume, torchrun (DistributedDataParallel), the loss readout and its
-NaN stop, the command-line options, and load_run, which loads a trained run in one call.
+NaN stop, the command-line options, the optimizers (AdamW, or Muon), and load_run, which loads a trained run in one
+call.
 
 Each script keeps its own algorithm (its train_step and sample_grid) and hands them to train().
 """
@@ -30,7 +31,7 @@ RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "log_every", 
 # Settings that config.json files written by earlier versions lack, with the value those runs had.
 EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant",
                     "norm_groups": 1, "film": False, "timesteps": "uniform", "grad_accum": 1, "sampler": "ddim",
-                    "attributes": None, "multi_label": False, "res_blocks": 1}
+                    "attributes": None, "multi_label": False, "res_blocks": 1, "optimizer": "adamw"}
 
 
 def run_script(constants, train_step, sample_grid, conditional):
@@ -140,6 +141,8 @@ def check_config(c, conditional):
     if c.lr_schedule not in ("constant", "cosine", "linear") or c.lr_warmup < 0:
         raise UserError(f"lr_schedule={c.lr_schedule!r}, lr_warmup={c.lr_warmup}: expected 'constant', 'cosine' or "
                         f"'linear', and a warm-up of 0 or more steps")
+    if c.optimizer not in ("adamw", "muon"):
+        raise UserError(f"optimizer={c.optimizer!r}: expected 'adamw' or 'muon'")
     if getattr(c, "attributes", None) is not None:
         attribute_names(c.attributes)  # a clear message for a malformed --attributes before anything starts
     if c.channels not in (None, 1, 3):
@@ -175,8 +178,8 @@ def start_run(c, device, state, log):
     amp = amp_dtype(device, c.amp)
     run = argparse.Namespace(
         model=model, ema_model=copy.deepcopy(model).requires_grad_(False),
-        optimizer=make_optimizer(model, c.lr, device), ema=EMA(c.ema_beta), diffusion=make_diffusion(c, device),
-        amp=amp,
+        optimizer=make_optimizer(model, c.lr, device, c.optimizer), ema=EMA(c.ema_beta),
+        diffusion=make_diffusion(c, device), amp=amp,
         scaler=torch.amp.GradScaler(device.type) if amp == torch.float16 else None,  # fp16 needs a loss scale
         generator=torch.Generator(device).manual_seed(c.seed),  # every random draw of training comes from here
         epoch=0, batch=0, step=0, losses=[])
@@ -315,10 +318,64 @@ def make_diffusion(config, device):
                      config.timesteps)
 
 
-def make_optimizer(model, lr, device):
-    """AdamW as one fused kernel where torch has one (CUDA, CPU), else as foreach (one call per operation)."""
+def make_optimizer(model, lr, device, kind="adamw"):
+    """"adamw" (the tutorial's), as one fused kernel where torch has one (CUDA, CPU), else as foreach; or "muon":
+    Muon for the hidden layers' weight matrices, AdamW for the rest (biases, norms, the input and output layers and
+    the label embedding, as Jordan et al. keep them)."""
+    if kind == "muon":
+        outer = {"inc.double_conv.0.weight", "outc.weight", "label_emb.weight"}
+        named = list(model.named_parameters())
+        is_matrix = [p.ndim >= 2 and name not in outer for name, p in named]
+        return Muon([{"params": [p for (_, p), m in zip(named, is_matrix) if m], "muon": True},
+                     {"params": [p for (_, p), m in zip(named, is_matrix) if not m], "muon": False}], lr)
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, foreach=not fused)
+
+
+def orthogonalise(g, steps=5):
+    """U V^T of g = U S V^T, approximately (its singular values brought to about 0.7 to 1.2), by a quintic
+    Newton-Schulz iteration with the coefficients of Jordan et al. 2024."""
+    x = g / (g.norm() + 1e-7)  # all singular values <= 1
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        a = x @ x.T
+        x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) for the parameter groups marked "muon", AdamW for the others, in one optimizer (one
+    state to save and resume). A matrix's update is its Nesterov momentum orthogonalised (a convolution's weight seen
+    as out x in*k*k), scaled to the RMS that AdamW's update has, 0.2 (Liu et al. 2025), so one LR serves both."""
+
+    def __init__(self, groups, lr, momentum=0.95, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01):
+        super().__init__(groups, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (beta1, beta2) = group["lr"], group["betas"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                state, grad = self.state[p], p.grad
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)  # Muon's momentum, or AdamW's first moment
+                    if not group["muon"]:
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
+                if group["muon"]:
+                    state["exp_avg"].lerp_(grad, 1 - group["momentum"])
+                    update = orthogonalise(grad.lerp(state["exp_avg"], group["momentum"]).flatten(1))  # Nesterov
+                    p.add_(update.reshape(p.shape), alpha=-lr * 0.2 * max(update.shape) ** 0.5)
+                else:  # AdamW (Loshchilov & Hutter 2019)
+                    step = state["step"].item()
+                    state["exp_avg"].lerp_(grad, 1 - beta1)
+                    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denominator = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+                    p.addcdiv_(state["exp_avg"], denominator, value=-lr / (1 - beta1 ** step))
 
 
 def read_config(run):

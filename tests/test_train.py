@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ddpm import Diffusion, train_step
-from modules import EMA
+from modules import EMA, UNet_conditional
 from training import run_script
 from utils import UserError, default_flip
 
@@ -126,11 +126,12 @@ def test_script_writes_its_files_and_resumes_to_identical_weights(script, tmp_pa
 COSINE = ("--lr_schedule", "cosine", "--lr_warmup", "4")
 
 
-@pytest.mark.parametrize("script,schedule", [(script, ()) for script in SCRIPTS] + [("ddpm.py", COSINE)])
+@pytest.mark.parametrize("script,schedule", [(script, ()) for script in SCRIPTS] + [("ddpm.py", COSINE)] +
+                         [("ddpm_conditional.py", ("--optimizer", "muon"))])
 def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, schedule, tmp_path, uninterrupted):
     """A checkpoint every step; kill -9 soon after the first one appears (mid-epoch, while writing, ...): the files
     left are whole, and running the command again finishes with the uninterrupted run's weights (also along a
-    warm-up and cosine learning-rate schedule)."""
+    warm-up and cosine learning-rate schedule, and with Muon)."""
     args = ("--epochs", "3", "--save_every", "1", *schedule)
     process = subprocess.Popen(command(script, *args), cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -150,6 +151,7 @@ def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, sched
         reference = tmp_path / "whole"
         reference.mkdir()
         run(script, "--epochs", "3", *schedule, cwd=reference)
+    if schedule == COSINE:
         last = 2e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5))  # the 9th step: 4 of the 5 steps after warm-up done
         assert final_state(reference, script)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(last)
     assert_same_training(final_state(tmp_path, script), final_state(reference, script))
@@ -312,6 +314,68 @@ def test_learning_rate_schedules_at_chosen_steps():
     assert {learning_rate(c, step, 55) for step in (0, 50, 109)} == {1e-3}  # the tutorial's: exactly LR
 
 
+@pytest.mark.parametrize("rows,cols", [(64, 200), (200, 64)])
+def test_orthogonalise_keeps_the_singular_vectors_and_evens_the_singular_values(rows, cols):
+    """Newton-Schulz turns g = U S V^T into U S' V^T, S' near 1 (Jordan et al.: about 0.7 to 1.2) for singular values
+    down to a hundredth of the largest; the scale of g does not matter."""
+    from training import orthogonalise
+    generator = torch.Generator().manual_seed(0)
+    k = min(rows, cols)
+    u = torch.linalg.qr(torch.randn(rows, k, generator=generator, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(cols, k, generator=generator, dtype=torch.float64))[0]
+    s = torch.logspace(-2, 0, k, dtype=torch.float64)
+    g = u @ torch.diag(s) @ v.T
+    x = orthogonalise(g * 1e3)
+    in_basis = u.T @ x @ v  # diagonal: the same singular vectors
+    assert (in_basis - torch.diag(torch.diag(in_basis))).abs().max() < 1e-6
+    assert 0.6 < torch.diag(in_basis).min() and torch.diag(in_basis).max() < 1.25
+    assert x.shape == g.shape
+
+
+def test_muon_gives_the_other_parameters_exactly_adamws_steps():
+    from training import Muon
+    generator = torch.Generator().manual_seed(0)
+    ours = [torch.randn(5, 3, generator=generator), torch.randn(7, generator=generator)]
+    torchs = [p.clone() for p in ours]
+    optimizers = (Muon([{"params": ours, "muon": False}], lr=1e-2, betas=(0.9, 0.999)),
+                  torch.optim.AdamW(torchs, lr=1e-2, betas=(0.9, 0.999)))
+    for _ in range(20):
+        for p, q in zip(ours, torchs):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    assert all(torch.allclose(p, q, rtol=0, atol=1e-6) for p, q in zip(ours, torchs))
+
+
+def test_muon_step_of_a_convolution_weight():
+    """The first step (momentum from zero) of a weight: decay, then the gradient seen as out x in*k*k,
+    orthogonalised, scaled to the RMS 0.2 x LR of an AdamW step."""
+    from training import Muon, orthogonalise
+    weight = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(0))
+    before = weight.clone()
+    weight.grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    Muon([{"params": [weight], "muon": True}], lr=1e-2).step()
+    update = orthogonalise(weight.grad.flatten(1)).view(weight.shape)  # 32 x 144
+    expected = before * (1 - 1e-2 * 0.01) - 1e-2 * 0.2 * 144 ** 0.5 * update
+    assert torch.allclose(weight, expected, rtol=0, atol=1e-6)
+    change = (weight - before * (1 - 1e-2 * 0.01)).square().mean().sqrt()
+    assert 0.7 * 0.2 * 1e-2 < change < 1.2 * 0.2 * 1e-2
+
+
+def test_muon_takes_the_hidden_weight_matrices_and_adamw_the_rest():
+    from training import make_optimizer
+    model = UNet_conditional(3, 3, num_classes=6, width=8, attention=(8,), norm_groups=4, film=True)
+    optimizer = make_optimizer(model, 1e-3, torch.device("cpu"), "muon")
+    muon, adamw = ({id(p) for p in group["params"]} for group in optimizer.param_groups)
+    named = dict(model.named_parameters())
+    outer = {"inc.double_conv.0.weight", "outc.weight", "label_emb.weight"}
+    assert muon == {id(p) for name, p in named.items() if p.ndim >= 2 and name not in outer}
+    assert adamw == {id(p) for name, p in named.items() if p.ndim < 2 or name in outer}
+    assert {id(named[name]) for name in ("sa3.mha.in_proj_weight", "up1.emb_layer.1.weight")} <= muon
+    assert {id(named[name]) for name in outer | {"outc.bias", "inc.double_conv.1.weight"}} <= adamw
+
+
 def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     run("ddpm_conditional.py", "--epochs", "1", cwd=tmp_path)
     ckpt = tmp_path / "models" / "DDPM_conditional" / "ckpt.pt"
@@ -327,6 +391,7 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--img_size", "30"], "error: img_size=30: height and width must be positive and divisible by 8"),
     (["--res_blocks", "-1"], "error: res_blocks=-1: must be 0 or more"),
+    (["--optimizer", "sgd"], "error: optimizer='sgd': expected 'adamw' or 'muon'"),
     (["--dataset", "no/such/folder"], "error: dataset folder 'no/such/folder' does not exist"),
     (["--num_classes", "4"], "error: labels outside num_classes: 'shapes' has 6 classes, but num_classes=4"),
     (["--epochs", "ten"], "error: --epochs ten: expected a value of type int (the default is 24)"),
@@ -427,7 +492,7 @@ def test_the_readme_command_for_the_tutorials_setting_gives_the_tutorials_settin
     tutorial = dict(dataset="cifar10", img_size=64, width=64, attention=(1, 2, 4, 8), norm_groups=1, film=False,
                     noise_steps=1000, beta_start=1e-4, beta_end=0.02, schedule="linear", prediction="eps",
                     loss_weighting="none", timesteps="uniform", lr=3e-4, lr_warmup=0, lr_schedule="constant",
-                    ema_beta=0.995, ema_start=2000, grad_accum=1)
+                    ema_beta=0.995, ema_start=2000, grad_accum=1, optimizer="adamw")
     assert {k: getattr(config, k) for k in tutorial} == tutorial
 
 
