@@ -324,10 +324,10 @@ def make_optimizer(model, lr, device, kind="adamw"):
     the label embedding, as Jordan et al. keep them)."""
     if kind == "muon":
         outer = {"inc.double_conv.0.weight", "outc.weight", "label_emb.weight"}
-        named = list(model.named_parameters())
-        is_matrix = [p.ndim >= 2 and name not in outer for name, p in named]
-        return Muon([{"params": [p for (_, p), m in zip(named, is_matrix) if m], "muon": True},
-                     {"params": [p for (_, p), m in zip(named, is_matrix) if not m], "muon": False}], lr)
+        groups = {True: [], False: []}  # is it a hidden layer's weight matrix?
+        for name, p in model.named_parameters():
+            groups[p.ndim >= 2 and name not in outer].append(p)
+        return Muon([{"params": groups[True], "muon": True}, {"params": groups[False], "muon": False}], lr)
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, foreach=not fused)
 
@@ -349,7 +349,8 @@ class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024) for the parameter groups marked "muon": True, AdamW for those marked False, in one
     optimizer (one state to save and resume). A matrix's update is its Nesterov momentum orthogonalised (a
     convolution's weight seen as out x in*k*k), scaled to the RMS that AdamW's update has, 0.2 (Liu et al. 2025), so
-    one LR serves both. The AdamW part has beta2 0.99 (torch's default: 0.999), as in the README's Muon runs."""
+    one LR serves both. The AdamW part has beta2 0.99 (torch's default: 0.999), as in the README's Muon runs.
+    (torch.optim.Muon takes 2-D parameters only, and orthogonalises in bf16, slow on CPUs without it.)"""
 
     def __init__(self, groups, lr, momentum=0.95, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01):
         super().__init__(groups, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay))
