@@ -31,7 +31,7 @@ import ddpm
 import ddpm_conditional
 from ddpm import Diffusion
 from modules import EMA
-from training import make_diffusion, make_model, make_optimizer
+from training import OPTIMIZERS, make_diffusion, make_model, make_optimizer
 from utils import UserError, amp_dtype, autocast, bf16_supported, pick_device
 
 
@@ -106,7 +106,7 @@ def main(argv=None):
     parser.add_argument("--attention", default="1,2,4,8", help="downsampling factors with self-attention")
     parser.add_argument("--norm_groups", type=int, default=1, help="GroupNorm groups (1: the tutorial's)")
     parser.add_argument("--res_blocks", type=int, default=1, help="residual blocks per level (1: the tutorial's)")
-    parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw", help="adamw: the tutorial's")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw: the tutorial's")
     parser.add_argument("--film", action=argparse.BooleanOptionalAction, default=False,
                         help="the embedding as a scale and shift (off: the tutorial's addition)")
     parser.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=True)

@@ -28,6 +28,7 @@ from utils import (UserError, amp_dtype, attribute_names, default_flip, get_data
 # Options that may change when a run resumes; any other difference means a different run.
 RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "log_every", "device", "amp", "channels_last",
                      "compile", "num_workers", "data_dir", "cfg_scale", "sampler"}
+OPTIMIZERS = ("adamw", "muon")  # the kinds make_optimizer builds
 # Settings that config.json files written by earlier versions lack, with the value those runs had.
 EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant",
                     "norm_groups": 1, "film": False, "timesteps": "uniform", "grad_accum": 1, "sampler": "ddim",
@@ -141,7 +142,7 @@ def check_config(c, conditional):
     if c.lr_schedule not in ("constant", "cosine", "linear") or c.lr_warmup < 0:
         raise UserError(f"lr_schedule={c.lr_schedule!r}, lr_warmup={c.lr_warmup}: expected 'constant', 'cosine' or "
                         f"'linear', and a warm-up of 0 or more steps")
-    if c.optimizer not in ("adamw", "muon"):
+    if c.optimizer not in OPTIMIZERS:
         raise UserError(f"optimizer={c.optimizer!r}: expected 'adamw' or 'muon'")
     if getattr(c, "attributes", None) is not None:
         attribute_names(c.attributes)  # a clear message for a malformed --attributes before anything starts
