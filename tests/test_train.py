@@ -332,6 +332,22 @@ def test_orthogonalise_keeps_the_singular_vectors_and_evens_the_singular_values(
     assert x.shape == g.shape
 
 
+def test_orthogonalise_is_the_newton_schulz_iteration_on_the_matrix_itself():
+    """The Gram-matrix form gives what the five quintic steps x <- 3.4445 x + (-4.7750 a + 2.0315 a^2) x, a = x x^T
+    (Jordan et al.'s, on x itself) give, for wide and tall matrices."""
+    from training import orthogonalise
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(32, 288), (288, 32), (64, 64)]:
+        g = torch.randn(shape, generator=generator, dtype=torch.float64)
+        x = g / (g.norm() + 1e-7)
+        x = x.T if shape[0] > shape[1] else x
+        for _ in range(5):
+            a = x @ x.T
+            x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+        x = x.T if shape[0] > shape[1] else x
+        assert torch.allclose(orthogonalise(g), x, rtol=0, atol=1e-9)
+
+
 def test_muon_gives_the_other_parameters_exactly_adamws_steps():
     from training import Muon
     generator = torch.Generator().manual_seed(0)
