@@ -143,7 +143,7 @@ def check_config(c, conditional):
         raise UserError(f"lr_schedule={c.lr_schedule!r}, lr_warmup={c.lr_warmup}: expected 'constant', 'cosine' or "
                         f"'linear', and a warm-up of 0 or more steps")
     if c.optimizer not in OPTIMIZERS:
-        raise UserError(f"optimizer={c.optimizer!r}: expected 'adamw' or 'muon'")
+        raise UserError(f"optimizer={c.optimizer!r}: expected {' or '.join(map(repr, OPTIMIZERS))}")
     if getattr(c, "attributes", None) is not None:
         attribute_names(c.attributes)  # a clear message for a malformed --attributes before anything starts
     if c.channels not in (None, 1, 3):
