@@ -400,8 +400,8 @@ def evaluate(args):
 
     main_result, samples = run(args.cfg_scale, args.steps, args.sampler)
     report["main"] = main_result
-    line = (f"{n} samples, cfg_scale {args.cfg_scale:g}, {sampler_name(args.steps, args.sampler, config)}: "
-            f"FD {main_result['fd']:.2f}")
+    guidance = f", cfg_scale {args.cfg_scale:g}" if conditional else ""  # an unconditional model has none
+    line = f"{n} samples{guidance}, {sampler_name(args.steps, args.sampler, config)}: FD {main_result['fd']:.2f}"
     if conditional:
         line += f", conditional accuracy {main_result['accuracy']:.3f}"
     if "attribute_accuracy" in main_result:
@@ -442,8 +442,8 @@ def evaluate(args):
         reference_steps, rows = ode_errors(diffusion, model, None if labels is None else labels[spread], m,
                                            args.cfg_scale, amp, args.seed)
         report["ode_error"] = {"reference": f"DPM++ {reference_steps} steps", "rows": rows}
-        print(f"\ndistance to the ODE's solution (DPM++ {reference_steps} steps), RMS in [-1, 1] units, {m} samples, "
-              f"cfg_scale {args.cfg_scale:g}:\n| sampler | RMS |\n|---|---|")
+        print(f"\ndistance to the ODE's solution (DPM++ {reference_steps} steps), RMS in [-1, 1] units, {m} samples"
+              f"{guidance}:\n| sampler | RMS |\n|---|---|")
         for r in rows:
             print(f"| {sampler_name(r['steps'], r['sampler'], config)} | {r['rms']:.4f} |")
     if args.json:

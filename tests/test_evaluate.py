@@ -180,9 +180,10 @@ def test_ode_error_is_each_samplers_distance_to_the_odes_solution():
     assert reference_steps == 29 and [r["steps"] for r in rows] == [10, 20, 10, 20]  # T steps would be ancestral
 
 
-def test_evaluate_a_tiny_conditional_run(tmp_path):
+def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path):
     """Train a few steps, then evaluate: the figures are there and in range; no Inception weights here, so the FID is
-    skipped with a one-line reason; the classifier is cached beside the data for the next call."""
+    skipped with a one-line reason; the classifier is cached beside the data for the next call. Then an unconditional
+    run (ddpm.py): FD only, and no guidance scale named, since it has none."""
     tiny = ["--num_images", "64", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
             "--epochs", "1", "--amp", "False"]
     subprocess.run([sys.executable, str(REPO / "ddpm_conditional.py"), *tiny], cwd=tmp_path, check=True,
@@ -204,6 +205,19 @@ def test_evaluate_a_tiny_conditional_run(tmp_path):
     assert report["ode_error"]["reference"] == "DPM++ 250 steps"
     assert [(r["sampler"], r["steps"], r["n_samples"]) for r in report["ode_error"]["rows"]][::3] == [
         ("ddim", 10, 6), ("ddim", 100, 6), ("dpm++", 50, 6)]
+
+    subprocess.run([sys.executable, str(REPO / "ddpm.py"), *tiny], cwd=tmp_path, check=True, capture_output=True,
+                   timeout=300)
+    command = [sys.executable, str(REPO / "evaluate.py"), "--ckpt", "models/DDPM_unconditional/ema_ckpt.pt",
+               "--n_per_class", "4", "--steps", "3", "--json", "out.json"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **env_home})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training a classifier" not in result.stdout  # the one the first call cached
+    line = next(line for line in result.stdout.splitlines() if line.startswith("24 samples"))
+    assert line.startswith("24 samples, DDIM 3 steps: FD ") and "cfg_scale" not in line and "accuracy" not in line
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["main"]["fd"] > 0 and "accuracy" not in report["main"]
 
 
 def test_evaluate_a_run_on_an_image_folder_with_a_rare_class(tmp_path):
