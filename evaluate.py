@@ -387,16 +387,16 @@ def evaluate(args):
 
     def run(cfg_scale, steps, sampler):
         sampler = sampler if steps < config.noise_steps else "ddim"  # all T steps: the ancestral sampler, whichever
-        key = cfg_scale, steps, sampler
-        if key in done:  # the main setting comes back in both sweeps
-            return done[key]
-        start = time.perf_counter()
-        samples = generate(diffusion, model, labels, n, cfg_scale, None if steps >= config.noise_steps else steps,
-                           amp, args.seed, sampler=sampler)
-        result = measure(samples, labels, classifier, real_features_a, floor, conditional, real.classes)
-        result.update(cfg_scale=cfg_scale, steps=steps, sampler=sampler, seconds=round(time.perf_counter() - start, 1))
-        done[key] = result, samples
-        return result, samples
+        key = cfg_scale if conditional else None, steps, sampler  # an unconditional model has no guidance
+        if key not in done:  # the main setting comes back in both sweeps
+            start = time.perf_counter()
+            samples = generate(diffusion, model, labels, n, cfg_scale, None if steps >= config.noise_steps else steps,
+                               amp, args.seed, sampler=sampler)
+            result = measure(samples, labels, classifier, real_features_a, floor, conditional, real.classes)
+            result.update(steps=steps, sampler=sampler, seconds=round(time.perf_counter() - start, 1))
+            done[key] = result, samples
+        result, samples = done[key]
+        return {**result, "cfg_scale": cfg_scale}, samples
 
     main_result, samples = run(args.cfg_scale, args.steps, args.sampler)
     report["main"] = main_result

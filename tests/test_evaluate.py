@@ -180,20 +180,24 @@ def test_ode_error_is_each_samplers_distance_to_the_odes_solution():
     assert reference_steps == 29 and [r["steps"] for r in rows] == [10, 20, 10, 20]  # T steps would be ancestral
 
 
-def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path):
+def run_script(tmp_path, script, *args):
+    """Run one of the repo's scripts in tmp_path with an empty torch cache (no Inception weights); its output."""
+    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path, monkeypatch, capsys):
     """Train a few steps, then evaluate: the figures are there and in range; no Inception weights here, so the FID is
     skipped with a one-line reason; the classifier is cached beside the data for the next call. Then an unconditional
-    run (ddpm.py): FD only, and no guidance scale named, since it has none."""
+    run (ddpm.py): FD only, and no guidance scale named, since it has none; its sweep's cfg_scale row is the main
+    setting's samples, not drawn again (guidance does not change them: evaluate.py runs here, its sampler watched)."""
     tiny = ["--num_images", "64", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
             "--epochs", "1", "--amp", "False"]
-    subprocess.run([sys.executable, str(REPO / "ddpm_conditional.py"), *tiny], cwd=tmp_path, check=True,
-                   capture_output=True, timeout=300)
-    env_home = {"TORCH_HOME": str(tmp_path / "torch_home")}  # an empty cache: no Inception weights
-    command = [sys.executable, str(REPO / "evaluate.py"), "--ckpt", "models/DDPM_conditional/ema_ckpt.pt",
-               "--n_per_class", "4", "--steps", "3", "--sampler", "dpm++", "--ode_error", "6", "--json", "out.json"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **env_home})
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(tmp_path, "ddpm_conditional.py", *tiny)
+    result = run_script(tmp_path, "evaluate.py", "--ckpt", "models/DDPM_conditional/ema_ckpt.pt", "--n_per_class",
+                        "4", "--steps", "3", "--sampler", "dpm++", "--ode_error", "6", "--json", "out.json")
     assert "24 samples, cfg_scale 3, DPM++ 3 steps: FD" in result.stdout
     assert "FID: skipped, no Inception-v3 weights on this machine" in result.stdout
     report = json.loads((tmp_path / "out.json").read_text())
@@ -206,18 +210,29 @@ def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path):
     assert [(r["sampler"], r["steps"], r["n_samples"]) for r in report["ode_error"]["rows"]][::3] == [
         ("ddim", 10, 6), ("ddim", 100, 6), ("dpm++", 50, 6)]
 
-    subprocess.run([sys.executable, str(REPO / "ddpm.py"), *tiny], cwd=tmp_path, check=True, capture_output=True,
-                   timeout=300)
-    command = [sys.executable, str(REPO / "evaluate.py"), "--ckpt", "models/DDPM_unconditional/ema_ckpt.pt",
-               "--n_per_class", "4", "--steps", "3", "--json", "out.json"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **env_home})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "training a classifier" not in result.stdout  # the one the first call cached
-    line = next(line for line in result.stdout.splitlines() if line.startswith("24 samples"))
+    run_script(tmp_path, "ddpm.py", *tiny)
+    drawn, generate = [], evaluate.generate  # the settings sampled, in order
+
+    def watched_generate(diffusion, model, labels, n, cfg_scale, steps, *args, **kwargs):
+        drawn.append((cfg_scale, steps, kwargs["sampler"]))
+        return generate(diffusion, model, labels, n, cfg_scale, steps, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", watched_generate)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    evaluate.main(["--ckpt", "models/DDPM_unconditional/ema_ckpt.pt", "--n_per_class", "4", "--steps", "3", "--sweep",
+                   "--json", "out.json"])
+    stdout = capsys.readouterr().out
+    assert "training a classifier" not in stdout  # the one the first call cached
+    line = next(line for line in stdout.splitlines() if line.startswith("24 samples"))
     assert line.startswith("24 samples, DDIM 3 steps: FD ") and "cfg_scale" not in line and "accuracy" not in line
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["main"]["fd"] > 0 and "accuracy" not in report["main"]
+    assert [(r["sweep"], r["cfg_scale"], r["steps"]) for r in report["sweep"][:2]] == [("cfg_scale", 1, 3),
+                                                                                       ("steps", 3, 10)]
+    assert report["sweep"][0]["fd"] == report["main"]["fd"]
+    assert drawn[:2] == [(3, 3, "ddim"), (3, 10, "ddim")]  # the cfg_scale row took the main setting's samples
+    assert len(drawn) == len(report["sweep"])  # the main setting and each row but that one
 
 
 def test_evaluate_a_run_on_an_image_folder_with_a_rare_class(tmp_path):
@@ -232,13 +247,9 @@ def test_evaluate_a_run_on_an_image_folder_with_a_rare_class(tmp_path):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
     tiny = ["--dataset", "faces", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
             "--epochs", "1", "--amp", "False", "--num_workers", "0"]
-    subprocess.run([sys.executable, str(REPO / "ddpm_conditional.py"), *tiny], cwd=tmp_path, check=True,
-                   capture_output=True, timeout=300)
-    command = [sys.executable, str(REPO / "evaluate.py"), "--ckpt", "models/DDPM_conditional/ema_ckpt.pt",
-               "--n_per_class", "4", "--steps", "2", "--json", "out.json"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")})
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(tmp_path, "ddpm_conditional.py", *tiny)
+    result = run_script(tmp_path, "evaluate.py", "--ckpt", "models/DDPM_conditional/ema_ckpt.pt", "--n_per_class",
+                        "4", "--steps", "2", "--json", "out.json")
     assert "training a classifier on 40 real images" in result.stdout  # 32 circles + 8 squares; 8 + 2 held out
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["real_reference"].startswith("5 training images held out from the classifier (20% of each class")
