@@ -17,6 +17,7 @@ import evaluate
 from ddpm import Diffusion
 from evaluate import frechet_distance, inception_features, inception_network, reference_counts, reference_halves
 from test_diffusion import MU, STD, GaussianEps, deterministic_gain
+from test_train import run as train  # a script's training run, in this process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -180,10 +181,10 @@ def test_ode_error_is_each_samplers_distance_to_the_odes_solution():
     assert reference_steps == 29 and [r["steps"] for r in rows] == [10, 20, 10, 20]  # T steps would be ancestral
 
 
-def run_script(tmp_path, script, *args):
-    """Run one of the repo's scripts in tmp_path with an empty torch cache (no Inception weights); its output."""
-    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")})
+def run_evaluate(tmp_path, *args):
+    """`python evaluate.py <args>` in tmp_path with an empty torch cache (no Inception weights); its output."""
+    result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -195,8 +196,8 @@ def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path, mon
     setting's samples, not drawn again (guidance does not change them: evaluate.py runs here, its sampler watched)."""
     tiny = ["--num_images", "64", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
             "--epochs", "1", "--amp", "False"]
-    run_script(tmp_path, "ddpm_conditional.py", *tiny)
-    result = run_script(tmp_path, "evaluate.py", "--ckpt", "models/DDPM_conditional/ema_ckpt.pt", "--n_per_class",
+    train("ddpm_conditional.py", *tiny, cwd=tmp_path)
+    result = run_evaluate(tmp_path, "--ckpt", "models/DDPM_conditional/ema_ckpt.pt", "--n_per_class",
                         "4", "--steps", "3", "--sampler", "dpm++", "--ode_error", "6", "--json", "out.json")
     assert "24 samples, cfg_scale 3, DPM++ 3 steps: FD" in result.stdout
     assert "FID: skipped, no Inception-v3 weights on this machine" in result.stdout
@@ -210,7 +211,7 @@ def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path, mon
     assert [(r["sampler"], r["steps"], r["n_samples"]) for r in report["ode_error"]["rows"]][::3] == [
         ("ddim", 10, 6), ("ddim", 100, 6), ("dpm++", 50, 6)]
 
-    run_script(tmp_path, "ddpm.py", *tiny)
+    train("ddpm.py", *tiny, cwd=tmp_path)
     drawn, generate = [], evaluate.generate  # the settings sampled, in order
 
     def watched_generate(diffusion, model, labels, n, cfg_scale, steps, *args, **kwargs):
@@ -247,8 +248,8 @@ def test_evaluate_a_run_on_an_image_folder_with_a_rare_class(tmp_path):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
     tiny = ["--dataset", "faces", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
             "--epochs", "1", "--amp", "False", "--num_workers", "0"]
-    run_script(tmp_path, "ddpm_conditional.py", *tiny)
-    result = run_script(tmp_path, "evaluate.py", "--ckpt", "models/DDPM_conditional/ema_ckpt.pt", "--n_per_class",
+    train("ddpm_conditional.py", *tiny, cwd=tmp_path)
+    result = run_evaluate(tmp_path, "--ckpt", "models/DDPM_conditional/ema_ckpt.pt", "--n_per_class",
                         "4", "--steps", "2", "--json", "out.json")
     assert "training a classifier on 40 real images" in result.stdout  # 32 circles + 8 squares; 8 + 2 held out
     report = json.loads((tmp_path / "out.json").read_text())
