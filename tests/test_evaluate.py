@@ -198,7 +198,7 @@ def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path, mon
             "--epochs", "1", "--amp", "False"]
     train("ddpm_conditional.py", *tiny, cwd=tmp_path)
     result = run_evaluate(tmp_path, "--ckpt", "models/DDPM_conditional/ema_ckpt.pt", "--n_per_class",
-                        "4", "--steps", "3", "--sampler", "dpm++", "--ode_error", "6", "--json", "out.json")
+                          "4", "--steps", "3", "--sampler", "dpm++", "--ode_error", "6", "--json", "out.json")
     assert "24 samples, cfg_scale 3, DPM++ 3 steps: FD" in result.stdout
     assert "FID: skipped, no Inception-v3 weights on this machine" in result.stdout
     report = json.loads((tmp_path / "out.json").read_text())
@@ -250,7 +250,7 @@ def test_evaluate_a_run_on_an_image_folder_with_a_rare_class(tmp_path):
             "--epochs", "1", "--amp", "False", "--num_workers", "0"]
     train("ddpm_conditional.py", *tiny, cwd=tmp_path)
     result = run_evaluate(tmp_path, "--ckpt", "models/DDPM_conditional/ema_ckpt.pt", "--n_per_class",
-                        "4", "--steps", "2", "--json", "out.json")
+                          "4", "--steps", "2", "--json", "out.json")
     assert "training a classifier on 40 real images" in result.stdout  # 32 circles + 8 squares; 8 + 2 held out
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["real_reference"].startswith("5 training images held out from the classifier (20% of each class")
