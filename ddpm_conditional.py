@@ -29,7 +29,7 @@ DATA_DIR = "data"         # where torchvision datasets are downloaded to / looke
 NUM_IMAGES: int | None = None  # a fixed random subset of this many training images (None: all; "shapes": 10000)
 IMG_SIZE = 32             # int, or (height, width); divisible by 8
 CHANNELS: int | None = None  # None: the dataset's (1 grayscale, 3 RGB)
-FLIP: bool | None = None  # random horizontal flips; None: the dataset's (on, but off for mnist)
+FLIP: bool | None = None  # random horizontal flips; None: the dataset's (on, off for mnist, fashion_mnist)
 NUM_CLASSES: int | None = None  # None: the dataset's
 ATTRIBUTES: str | None = None  # multi-label data: the attributes to learn, e.g. "Smiling,Eyeglasses" (None: all)
 # --- model ---

@@ -85,12 +85,14 @@ TORCHVISION_DATASETS = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchv
 FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "heart")
 SHAPES_TRAIN_IMAGES, SHAPES_TEST_IMAGES = 10000, 2000
-MIRRORING_CHANGES_MEANING = {"mnist"}  # a mirrored digit is no digit: no horizontal flips by default
+# no horizontal flips by default: a mirrored digit is no digit, and Fashion-MNIST's sandals, sneakers and ankle boots
+# all point their toes to the left (93%, 99.7% and 100% of them are nearer their class's mean image than to its mirror)
+MIRRORING_CHANGES_MEANING = {"mnist", "fashion_mnist"}
 
 
 def default_flip(dataset):
     """Whether training flips the images of `dataset` horizontally when FLIP is None: yes, unless mirroring changes
-    what an image shows (digits; pass --flip False for text or any such folder)."""
+    what an image shows (digits, Fashion-MNIST's shoes; pass --flip False for text or any such folder)."""
     return dataset not in MIRRORING_CHANGES_MEANING
 
 

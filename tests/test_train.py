@@ -267,9 +267,9 @@ def test_gradient_accumulation_equals_one_batch_of_all_micro_batches(conditional
 
 def test_training_flips_images_only_when_asked():
     """FLIP False: the step's loss is Algorithm 1's on the images as they are (no flip drawn); True: some flipped.
-    None picks the dataset's: never for digits."""
+    None picks the dataset's: never for digits or Fashion-MNIST's left-pointing shoes."""
     assert default_flip("shapes") and default_flip("cifar10") and default_flip("path/to/faces")
-    assert not default_flip("mnist")
+    assert not default_flip("mnist") and not default_flip("fashion_mnist")
     torch.manual_seed(1)
     images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
     diffusion = Diffusion(img_size=8, channels=1, device="cpu", prediction="x0")
