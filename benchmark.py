@@ -106,6 +106,8 @@ def main(argv=None):
     parser.add_argument("--attention", default="1,2,4,8", help="downsampling factors with self-attention")
     parser.add_argument("--norm_groups", type=int, default=1, help="GroupNorm groups (1: the tutorial's)")
     parser.add_argument("--res_blocks", type=int, default=1, help="residual blocks per level (1: the tutorial's)")
+    parser.add_argument("--bottleneck_embedding", action=argparse.BooleanOptionalAction, default=False,
+                        help="the embedding enters the bottleneck too (off: the tutorial's)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw: the tutorial's")
     parser.add_argument("--film", action=argparse.BooleanOptionalAction, default=False,
                         help="the embedding as a scale and shift (off: the tutorial's addition)")
@@ -150,7 +152,7 @@ def benchmark(args):
         attention=attention, img_size=args.img_size, noise_steps=1000, beta_start=1e-4, beta_end=0.02,
         schedule="linear", prediction="eps", loss_weighting="none", min_snr_gamma=5.0, cfg_drop=0.1,
         ema_start=0, channels_last=args.channels_last, flip=True, norm_groups=args.norm_groups, film=args.film,
-        res_blocks=args.res_blocks, timesteps="uniform", grad_accum=1)
+        res_blocks=args.res_blocks, bottleneck_embedding=args.bottleneck_embedding, timesteps="uniform", grad_accum=1)
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     model = make_model(config).to(device, memory_format=memory_format)

@@ -33,6 +33,7 @@ WIDTH = 16                # channels at full resolution; tutorial: 64
 ATTENTION = (8,)          # self-attention at these downsampling factors; tutorial: (1, 2, 4, 8), all six blocks
 NORM_GROUPS = 8           # GroupNorm groups in every convolution block (must divide WIDTH); tutorial: 1
 RES_BLOCKS = 1            # residual blocks in each Down and Up level before the one that changes the width; tutorial: 1
+BOTTLENECK_EMBEDDING = False  # the time embedding enters the bottleneck too (README); tutorial: False
 FILM = True               # the time/label embedding as a per-channel scale and shift; tutorial: False (added)
 # --- diffusion ---
 NOISE_STEPS = 1000        # T

@@ -156,11 +156,13 @@ class UNet(nn.Module):
                2 half (sa1, sa5), 4 a quarter (sa2, sa4), 8 an eighth (sa3). The tutorial's is (1, 2, 4, 8): all six.
     res_blocks: residual DoubleConvs in each Down and Up level before the one that changes the width (the
                tutorial's 1; 0 makes the model cheaper, 2 deeper); the state-dict keys stay the tutorial's at 1.
+    bottleneck_embedding: the time (and label) embedding enters the bottleneck too, between bot2 and bot3,
+               added or by FiLM as in the levels (the tutorial's bottleneck has none: False, its keys).
     device:    accepted and ignored (the tutorial passed one); move the model with .to(device).
     """
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, width=64, attention=(1, 2, 4, 8), device=None, norm_groups=1,
-                 film=False, res_blocks=1):
+                 film=False, res_blocks=1, bottleneck_embedding=False):
         super().__init__()
         if width % 4:
             raise ValueError(f"width={width}: must be a multiple of 4 (self-attention uses 4 heads)")
@@ -188,6 +190,11 @@ class UNet(nn.Module):
         self.bot1 = DoubleConv(4 * w, 8 * w, groups=g)
         self.bot2 = DoubleConv(8 * w, 8 * w, groups=g)
         self.bot3 = DoubleConv(8 * w, 4 * w, groups=g)
+        self.film = film
+        if bottleneck_embedding:
+            self.bot_emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 8 * w * (2 if film else 1)))
+        else:
+            self.bot_emb_layer = None
 
         self.up1 = Up(8 * w, 2 * w, time_dim, g, film, res_blocks)
         self.sa4 = attn(2 * w, 4)
@@ -213,7 +220,10 @@ class UNet(nn.Module):
         x3 = self.sa2(self.down2(x2, emb))
         x4 = self.sa3(self.down3(x3, emb))
 
-        x4 = self.bot3(self.bot2(self.bot1(x4)))
+        x4 = self.bot2(self.bot1(x4))
+        if self.bot_emb_layer is not None:
+            x4 = apply_embedding(x4, self.bot_emb_layer(emb), self.film)
+        x4 = self.bot3(x4)
 
         x = self.sa4(self.up1(x4, x3, emb))
         x = self.sa5(self.up2(x, x2, emb))
@@ -235,9 +245,9 @@ class UNet_conditional(UNet):
     """
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, width=64, attention=(1, 2, 4, 8), device=None,
-                 norm_groups=1, film=False, res_blocks=1):
+                 norm_groups=1, film=False, res_blocks=1, bottleneck_embedding=False):
         super().__init__(c_in, c_out, time_dim, width, attention, norm_groups=norm_groups, film=film,
-                         res_blocks=res_blocks)
+                         res_blocks=res_blocks, bottleneck_embedding=bottleneck_embedding)
         self.num_classes = num_classes
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_dim)

@@ -32,7 +32,8 @@ OPTIMIZERS = ("adamw", "muon")  # the kinds make_optimizer builds
 # Settings that config.json files written by earlier versions lack, with the value those runs had.
 EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant",
                     "norm_groups": 1, "film": False, "timesteps": "uniform", "grad_accum": 1, "sampler": "ddim",
-                    "attributes": None, "multi_label": False, "res_blocks": 1, "optimizer": "adamw"}
+                    "attributes": None, "multi_label": False, "res_blocks": 1, "optimizer": "adamw",
+                    "bottleneck_embedding": False}
 
 
 def run_script(constants, train_step, sample_grid, conditional):
@@ -306,7 +307,7 @@ def check_same_run(saved, current, models_dir):
 def make_model(config):
     """The UNet a configuration describes: conditional when config.num_classes is set."""
     shape = dict(width=config.width, attention=config.attention, norm_groups=config.norm_groups, film=config.film,
-                 res_blocks=config.res_blocks)
+                 res_blocks=config.res_blocks, bottleneck_embedding=config.bottleneck_embedding)
     if config.num_classes:
         return UNet_conditional(config.channels, config.channels, num_classes=config.num_classes, **shape)
     return UNet(config.channels, config.channels, **shape)

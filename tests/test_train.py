@@ -186,6 +186,22 @@ def test_sampler_option_is_checked_first_and_old_runs_read_as_ddim(tmp_path):
     assert (old.sampler, old.attributes, old.multi_label) == ("ddim", None, False)  # before ATTRIBUTES: one label
 
 
+def test_bottleneck_embedding_option_builds_the_layer_and_old_runs_read_without_it(tmp_path):
+    """--bottleneck_embedding True gives the model its bottleneck embedding layer (FiLM: a scale and a shift for the
+    8 x WIDTH channels); a config.json written before the option existed reads as the tutorial's bottleneck, without
+    it, so its checkpoint loads."""
+    import ddpm_conditional
+    from training import make_model, parse_config, read_config
+    config = parse_config(vars(ddpm_conditional), ["--bottleneck_embedding", "True", "--width", "8"])
+    config.num_classes, config.channels = 6, 3
+    assert make_model(config).bot_emb_layer[1].weight.shape == (2 * 8 * 8, 256)
+    (tmp_path / "config.json").write_text(json.dumps({"sample_steps": 50}))
+    old = read_config(tmp_path)
+    assert old.bottleneck_embedding is False
+    config.bottleneck_embedding = old.bottleneck_embedding
+    assert make_model(config).bot_emb_layer is None
+
+
 def test_a_run_saved_on_another_device_resumes_with_a_new_random_stream(tmp_path):
     """A run trained on a GPU and resumed on the CPU (or the reverse): the GPU's generator state does not fit the
     CPU's generator, so the random draws go on from a stream of (seed, step), said in one line."""
