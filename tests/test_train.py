@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
 from ddpm import Diffusion, train_step
 from modules import EMA, UNet_conditional
@@ -116,8 +117,8 @@ def test_script_writes_its_files_and_resumes_to_identical_weights(script, tmp_pa
     with Image.open(results / "progress.gif") as gif:  # the epoch grids in order, the one of the resumed run too
         assert gif.n_frames == 3 and gif.size == grid.size
         gif.seek(2)
-        last = torch.tensor(list(gif.convert("RGB").getdata()), dtype=torch.float32)
-        jpg = torch.tensor(list(Image.open(results / "3.jpg").convert("RGB").getdata()), dtype=torch.float32)
+        last = pil_to_tensor(gif.convert("RGB")).float()
+        jpg = pil_to_tensor(Image.open(results / "3.jpg").convert("RGB")).float()
         assert (last - jpg).abs().mean() < 8  # the third frame is epoch 3's grid (up to the GIF's 256 colours)
     assert_same_training(final_state(tmp_path, script), final_state(uninterrupted[script], script))
     assert "nothing to do" in run(script, "--epochs", "3", cwd=tmp_path).stdout
