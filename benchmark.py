@@ -111,6 +111,8 @@ def main(argv=None):
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw: the tutorial's")
     parser.add_argument("--film", action=argparse.BooleanOptionalAction, default=False,
                         help="the embedding as a scale and shift (off: the tutorial's addition)")
+    parser.add_argument("--timesteps", choices=("uniform", "logit_normal", "importance"), default="uniform",
+                        help="how training draws t (uniform: the tutorial's)")
     parser.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--num_classes", type=int, default=10)
     parser.add_argument("--channels", type=int, default=3)
@@ -152,7 +154,8 @@ def benchmark(args):
         attention=attention, img_size=args.img_size, noise_steps=1000, beta_start=1e-4, beta_end=0.02,
         schedule="linear", prediction="eps", loss_weighting="none", min_snr_gamma=5.0, cfg_drop=0.1,
         ema_start=0, channels_last=args.channels_last, flip=True, norm_groups=args.norm_groups, film=args.film,
-        res_blocks=args.res_blocks, bottleneck_embedding=args.bottleneck_embedding, timesteps="uniform", grad_accum=1)
+        res_blocks=args.res_blocks, bottleneck_embedding=args.bottleneck_embedding, timesteps=args.timesteps,
+        grad_accum=1)
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     model = make_model(config).to(device, memory_format=memory_format)

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from modules import UNet
-from training import load_run, run_script, share
+from training import gather, load_run, run_script, share
 from utils import UserError, autocast, image_size, pick_device, plot_images
 
 __all__ = ["Diffusion", "UNet", "load_run", "plot_images", "sample_grid", "train_step"]  # from ddpm import *
@@ -42,7 +42,8 @@ SCHEDULE = "cosine"       # "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et
 PREDICTION = "v"          # what the UNet predicts: "v" (Salimans & Ho 2022), "eps" (the tutorial's) or "x0"
 LOSS_WEIGHTING = "min_snr"  # "min_snr" (Hang et al. 2023) or "none" (plain MSE, the tutorial's)
 MIN_SNR_GAMMA = 5.0
-TIMESTEPS = "logit_normal"  # how training draws t: "logit_normal" (Esser et al. 2024) or "uniform" (the tutorial's)
+TIMESTEPS = "logit_normal"  # how training draws t: "logit_normal" (Esser et al. 2024), "importance" (the same
+                            # objective, drawn where its loss varies most) or "uniform" (the tutorial's)
 # --- training ---
 EPOCHS = 24
 BATCH_SIZE = 32
@@ -72,8 +73,8 @@ class Diffusion:
     def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, device=None, channels=3,
                  schedule="linear", prediction="eps", loss_weighting="none", min_snr_gamma=5.0, timesteps="uniform"):
         self.noise_steps, self.beta_start, self.beta_end, self.schedule = noise_steps, beta_start, beta_end, schedule
-        if timesteps not in ("uniform", "logit_normal"):
-            raise UserError(f"timesteps '{timesteps}': expected 'uniform' or 'logit_normal'")
+        if timesteps not in ("uniform", "logit_normal", "importance"):
+            raise UserError(f"timesteps '{timesteps}': expected 'uniform', 'logit_normal' or 'importance'")
         self.timesteps = timesteps
         if prediction not in ("eps", "v", "x0"):
             raise UserError(f"prediction '{prediction}': expected 'eps', 'v' or 'x0'")
@@ -86,6 +87,15 @@ class Diffusion:
         alpha_hat = torch.cumprod(1 - beta, dim=0)
         self.beta, self.alpha, self.alpha_hat = (v.float().to(self.device) for v in (beta, 1 - beta, alpha_hat))
         self.beta_list, self.alpha_hat_list = beta.tolist(), alpha_hat.tolist()  # float64 scalars for the samplers
+        if timesteps == "importance":  # the logit-normal's P(t) (t = floor(T sigmoid(u))), in 20 bins of T / 20 steps
+            bins, steps = min(20, noise_steps), torch.arange(noise_steps + 1, dtype=torch.float64)
+            p_t = torch.special.ndtr(torch.logit(steps / noise_steps)).diff()
+            bin_of_t = torch.arange(noise_steps) * bins // noise_steps
+            p_bin = torch.zeros(bins, dtype=torch.float64).index_add(0, bin_of_t, p_t)
+            self.p_t, self.p_bin, self.bin_of_t = p_t.float().to(self.device), p_bin.float().to(self.device), \
+                bin_of_t.to(self.device)
+            # each bin's mean squared loss (over about its last 32 losses, see learn_proposal), and how many it has seen
+            self.loss_square, self.loss_count = torch.zeros_like(self.p_bin), torch.zeros_like(self.p_bin)
 
     def prepare_noise_schedule(self):
         """beta_1 .. beta_T."""
@@ -124,10 +134,11 @@ class Diffusion:
         return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
 
     def loss(self, predicted, x0, noise, t):
-        """Algorithm 1, line 5, for every prediction type: the mean of loss_weight(t) * || target - predicted ||^2,
-        the target being training_target (the tutorial's: || eps - eps_theta(x_t, t) ||^2, weight 1)."""
+        """Algorithm 1, line 5, for every prediction type, one per sample: loss_weight(t) * || target - predicted ||^2,
+        the target being training_target (the tutorial's: || eps - eps_theta(x_t, t) ||^2, weight 1). A step
+        minimises the mean of importance_weight(t) times these."""
         squared_error = (predicted.float() - self.training_target(x0, noise, t)).square().mean(dim=(1, 2, 3))
-        return (self.loss_weight(t) * squared_error).mean()
+        return self.loss_weight(t) * squared_error
 
     def predicted_x0(self, output, x, alpha_hat):
         """The x_0 that the network's output implies at noise level alpha_hat (a float), from x = x_t."""
@@ -139,11 +150,42 @@ class Diffusion:
 
     def sample_timesteps(self, n, generator=None):
         """t ~ Uniform({1, ..., T}) (Algorithm 1, line 3), as indices 0 .. T-1; or "logit_normal": t / T = sigmoid(u),
-        u ~ N(0, 1), which trains the middle noise levels more often (Esser et al. 2024, eq. 19)."""
+        u ~ N(0, 1), which trains the middle noise levels more often (Esser et al. 2024, eq. 19); or "importance": the
+        logit-normal's bins drawn at the rates of proposal() (within a bin, t as the logit-normal draws it there)."""
         if self.timesteps == "uniform":
             return torch.randint(0, self.noise_steps, (n,), device=self.device, generator=generator)
+        if self.timesteps == "importance":
+            q_t = self.p_t * (self.proposal() / self.p_bin)[self.bin_of_t]
+            return torch.multinomial(q_t, n, replacement=True, generator=generator)
         u = torch.randn(n, device=self.device, generator=generator)
         return (torch.sigmoid(u) * self.noise_steps).long().clamp(max=self.noise_steps - 1)
+
+    def proposal(self):
+        """"importance": how often to draw each bin of t. The logit-normal's bin probabilities p until every bin has
+        8 losses, then q = 0.8 p sqrt(E[loss^2]) / Z + 0.2 p (Nichol & Dhariwal 2021, sec. 3.3, with p as the base
+        and a fifth of p kept): the rate that minimises the variance of the loss's estimate, so steps go to the bins
+        whose losses are large or vary most. With importance_weight = p / q the objective is the logit-normal's."""
+        mean_square = self.loss_square / (1 - (31 / 32) ** self.loss_count).clamp(min=1e-12)  # as Adam's bias fix
+        q = self.p_bin * mean_square.sqrt()
+        q = 0.8 * q / q.sum().clamp(min=1e-30) + 0.2 * self.p_bin
+        return torch.where((self.loss_count >= 8).all(), q, self.p_bin)
+
+    def importance_weight(self, t):
+        """p(t) / q(t) for timesteps drawn by proposal(), so that E_q[weight * loss] = E_p[loss]; else 1."""
+        if self.timesteps != "importance":
+            return 1.0
+        return (self.p_bin / self.proposal())[self.bin_of_t[t]]
+
+    def learn_proposal(self, t, losses):
+        """"importance": each bin's mean squared loss takes in the losses (loss(), unweighted) at timesteps t: a mean
+        over all the bin's losses so far, each weighted (31/32)^k, k the number of the bin's losses after it (so about
+        its last 32). Called with the whole global batch after its step, so proposal() stays the same within a step."""
+        bins = self.bin_of_t[t]
+        seen = torch.zeros_like(self.loss_count).index_add_(0, bins, torch.ones_like(losses))
+        batch_square = torch.zeros_like(self.loss_square).index_add_(0, bins, losses.float().square())
+        kept = (31 / 32) ** seen
+        self.loss_square = kept * self.loss_square + (1 - kept) * batch_square / seen.clamp(min=1)
+        self.loss_count = self.loss_count + seen
 
     @torch.inference_mode()
     def sample(self, model, n, labels=None, cfg_scale=3, steps=None, generator=None, progress=True, sampler="ddim",
@@ -362,11 +404,12 @@ def train_step(model, ema_model, ema, optimizer, diffusion, images, generator, c
     if config.channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
     optimizer.zero_grad(set_to_none=True)
-    micro, total = n // config.grad_accum, 0.0  # GRAD_ACCUM micro-batches: their gradients add up to the batch's
+    micro, total, losses = n // config.grad_accum, 0.0, []  # GRAD_ACCUM micro-batches: their gradients add up
     for part in (slice(i, i + micro) for i in range(0, n, micro)):
         with autocast(device, amp_dtype):
             predicted = model(x_t[part], t[part])
-        loss = diffusion.loss(predicted, x0[part], noise[part], t[part]) / config.grad_accum  # line 5
+        losses.append(diffusion.loss(predicted, x0[part], noise[part], t[part]))  # line 5, one per sample
+        loss = (diffusion.importance_weight(t[part]) * losses[-1]).mean() / config.grad_accum
         # float16: the loss scaled up so that small gradients do not flush to zero; inf/NaN gradients skip the step
         (loss if scaler is None else scaler.scale(loss)).backward()
         total += loss.detach()
@@ -376,6 +419,8 @@ def train_step(model, ema_model, ema, optimizer, diffusion, images, generator, c
         scaler.step(optimizer)
         scaler.update()
     ema.step_ema(ema_model, model, config.ema_start)
+    if diffusion.timesteps == "importance":  # the next steps' t are drawn by the whole global batch's losses
+        diffusion.learn_proposal(gather(t, shard), gather(torch.cat(losses).detach(), shard))
     return total
 
 

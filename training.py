@@ -194,6 +194,8 @@ def start_run(c, device, state, log):
         run.scaler.load_state_dict(state["scaler"])
     resume_random_stream(run.generator, state, device, log)
     run.ema.step = state["ema_step"]
+    if c.timesteps == "importance":  # the losses that set the timesteps' proposal
+        run.diffusion.loss_square, run.diffusion.loss_count = (v.to(device) for v in state["timestep_losses"])
     run.epoch, run.batch, run.step, run.losses = state["epoch"], state["batch"], state["step"], state["losses"]
     log(f"resuming models/{c.run_name} at epoch {run.epoch + 1}, step {run.step}")
     return run
@@ -208,7 +210,9 @@ def save_run(run, c, models_dir, device):
     save_checkpoint({"model": weights, "ema_model": ema_weights, "optimizer": run.optimizer.state_dict(),
                      "ema_step": run.ema.step, "generator": run.generator.get_state(), "generator_device": device.type,
                      "scaler": run.scaler.state_dict() if run.scaler else {}, "epoch": run.epoch, "batch": run.batch,
-                     "step": run.step, "losses": run.losses, "config": vars(c)}, models_dir / "train_state.pt")
+                     "step": run.step, "losses": run.losses, "config": vars(c), "timestep_losses":
+                     (run.diffusion.loss_square.cpu(), run.diffusion.loss_count.cpu())
+                     if c.timesteps == "importance" else None}, models_dir / "train_state.pt")
 
 
 class LossWindow:
@@ -262,6 +266,16 @@ def share(draw, n, shard):
     what one process would with the global batch. shard: (rank, world_size)."""
     rank, world_size = shard
     return draw(n * world_size)[rank * n:(rank + 1) * n]
+
+
+def gather(x, shard):
+    """The whole global batch's values from every process's slice of them (share's inverse)."""
+    rank, world_size = shard
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 def setup_distributed(device):

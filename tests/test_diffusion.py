@@ -56,8 +56,45 @@ def test_logit_normal_timesteps_follow_their_distribution():
         expected = 0.5 * (1 + math.erf(math.log(k / (1000 - k)) / math.sqrt(2)))
         observed = (t < k).double().mean().item()
         assert abs(observed - expected) < 5 * math.sqrt(expected * (1 - expected) / len(t))
-    with pytest.raises(UserError, match="timesteps 'beta': expected 'uniform' or 'logit_normal'"):
+    with pytest.raises(UserError, match="timesteps 'beta': expected 'uniform', 'logit_normal' or 'importance'"):
         Diffusion(device="cpu", timesteps="beta")
+
+
+def test_importance_sampled_timesteps_keep_the_logit_normal_objective():
+    """"importance" (Nichol & Dhariwal 2021, sec. 3.3, on the logit-normal): t is drawn as the logit-normal draws it
+    until each of the 20 bins of 50 steps has 8 losses; then bin b at rate q_b = 0.8 p_b sqrt(E_b[L^2]) / Z + 0.2 p_b,
+    t within it as the logit-normal there, and the weight p_b / q_b makes E_q[weight f(t)] = E_p[f(t)] for any f.
+    E_b[L^2] averages the bin's losses with weights (31/32)^age."""
+    diffusion = Diffusion(device="cpu", timesteps="importance")
+    cdf = [0.5 * (1 + math.erf(math.log(k / (1000 - k)) / math.sqrt(2))) if 0 < k < 1000 else float(k > 0)
+           for k in range(1001)]
+    p_t = torch.tensor(cdf, dtype=torch.float64).diff()  # P(t = k) of t = floor(1000 sigmoid(u)), u ~ N(0, 1)
+    torch.testing.assert_close(diffusion.p_t.double(), p_t, rtol=1e-5, atol=1e-12)
+    p_bin = p_t.view(20, 50).sum(1)
+    assert torch.equal(diffusion.proposal(), diffusion.p_bin) and torch.all(diffusion.importance_weight(p_t.argmax(
+        keepdim=True)) == 1)
+    size = torch.where(torch.arange(20) < 10, 1.0, 4.0)  # the losses of bins 10-19 four times those of bins 0-9
+    starts = torch.arange(0, 1000, 50)
+    for i in range(8):
+        assert torch.equal(diffusion.proposal(), diffusion.p_bin)  # some bin has fewer than 8 losses
+        diffusion.learn_proposal(starts + i, size * (1 + i % 2))  # |L| alternating 1, 2 (times size)
+    ages = (31 / 32) ** torch.arange(7, -1, -1.0)  # the last loss (age 0) was 2, the one before it 1, ...
+    mean_square = (ages * torch.tensor([1.0, 4.0] * 4)).sum() / ages.sum() * size ** 2
+    q = p_bin * mean_square.double().sqrt()
+    q = 0.8 * q / q.sum() + 0.2 * p_bin
+    torch.testing.assert_close(diffusion.proposal().double(), q, rtol=1e-5, atol=0)
+    assert q[15] / p_bin[15] > 1.4 and q[5] / p_bin[5] < 0.6  # large losses drawn more often (1.48, 0.52 times)
+
+    n = 400_000
+    t = diffusion.sample_timesteps(n, torch.Generator().manual_seed(0))
+    share = torch.bincount(t // 50, minlength=20).double() / n
+    assert torch.all((share - q).abs() < 5 * (q * (1 - q) / n).sqrt())  # each bin drawn at its rate q_b
+    for f in (lambda t: t % 50 / 50.0, lambda t: torch.cos(t / 150.0), lambda t: (t > 500).double()):
+        weighted = diffusion.importance_weight(t).double() * f(t.double())
+        expected = (p_t * f(torch.arange(1000, dtype=torch.float64))).sum()
+        assert abs(weighted.mean() - expected) < 5 * weighted.std() / math.sqrt(n)
+    noisier = (t > 500).double()  # without the weights, another objective: the noisier half drawn more often
+    assert noisier.mean() - p_t[501:].sum() > 20 * noisier.std() / math.sqrt(n)
 
 
 def test_linear_schedule():

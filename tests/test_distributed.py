@@ -1,6 +1,7 @@
 """Training under torchrun: two CPU processes (gloo), each with half of every global batch (in two micro-batches,
 GRAD_ACCUM 2), hold identical weights and compute what one process computes with the whole global batch in one
-piece, also across a stop and a resume."""
+piece, also across a stop and a resume; with importance-sampled timesteps, whose proposal learns from the losses of
+the whole global batch."""
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--num_images", "48", "--img_size", "16", "--width", "8", "--sample_steps", "2", "--ema_start", "2",
-        "--log_every", "1", "--amp", "False"]
+        "--log_every", "1", "--amp", "False", "--timesteps", "importance"]
 # training.train, as `python ddpm_conditional.py` runs it, and then each process saves the weights it holds.
 WORKER = f"""
 import os, sys
@@ -59,3 +60,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     assert state["config"]["world_size"] == 2 and state["step"] == 6
     # the loss logged at every step (the mean over both processes) is the one-process loss of the same global batch
     torch.testing.assert_close(state["losses"], single_state["losses"], rtol=1e-5, atol=0)
+    # and the timesteps' proposal learnt every loss of the global batch: 6 steps of 16, as one process does
+    (square, count), (single_square, single_count) = state["timestep_losses"], single_state["timestep_losses"]
+    assert count.sum() == 6 * 16 and torch.equal(count, single_count)
+    torch.testing.assert_close(square, single_square, rtol=1e-5, atol=0)

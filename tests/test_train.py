@@ -82,6 +82,8 @@ def assert_same_training(a, b):
     assert (a["step"], a["epoch"], a["batch"], a["ema_step"]) == (b["step"], b["epoch"], b["batch"], b["ema_step"])
     assert a["losses"] == b["losses"]
     assert torch.equal(a["generator"], b["generator"])
+    assert (a["timestep_losses"] is None) == (b["timestep_losses"] is None)  # "importance": the losses that draw t
+    assert all(torch.equal(x, y) for x, y in zip(a["timestep_losses"] or (), b["timestep_losses"] or ()))
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +130,13 @@ COSINE = ("--lr_schedule", "cosine", "--lr_warmup", "4")
 
 
 @pytest.mark.parametrize("script,schedule", [(script, ()) for script in SCRIPTS] + [("ddpm.py", COSINE)] +
-                         [("ddpm_conditional.py", ("--optimizer", "muon"))])
+                         [("ddpm_conditional.py", ("--optimizer", "muon"))] +
+                         [("ddpm.py", ("--timesteps", "importance"))])
 def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, schedule, tmp_path, uninterrupted):
     """A checkpoint every step; kill -9 soon after the first one appears (mid-epoch, while writing, ...): the files
     left are whole, and running the command again finishes with the uninterrupted run's weights (also along a
-    warm-up and cosine learning-rate schedule, and with Muon)."""
+    warm-up and cosine learning-rate schedule, with Muon, and with importance-sampled timesteps, whose losses so
+    far are saved: ddpm_conditional.py's default, asked for here in ddpm.py)."""
     args = ("--epochs", "3", "--save_every", "1", *schedule)
     process = subprocess.Popen(command(script, *args), cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -155,6 +159,8 @@ def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, sched
     if schedule == COSINE:
         last = 2e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5))  # the 9th step: 4 of the 5 steps after warm-up done
         assert final_state(reference, script)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(last)
+    if "importance" in schedule:  # every step's 16 losses, in the bins of their t
+        assert final_state(reference, script)["timestep_losses"][1].sum() == 9 * 16
     assert_same_training(final_state(tmp_path, script), final_state(reference, script))
 
 
@@ -255,18 +261,24 @@ def one_step(images, diffusion, flip=True, amp_dtype=None, scaler=None, model=No
     return loss, model
 
 
-@pytest.mark.parametrize("conditional", [False, True])
-def test_gradient_accumulation_equals_one_batch_of_all_micro_batches(conditional):
+@pytest.mark.parametrize("conditional,timesteps", [(False, "uniform"), (True, "importance")])
+def test_gradient_accumulation_equals_one_batch_of_all_micro_batches(conditional, timesteps):
     """GRAD_ACCUM = k: k micro-batches of b images give the loss and the gradients of one batch of k * b (the same
-    random draws), up to float rounding; with k = 1 the step is the plain one."""
+    random draws), up to float rounding; with k = 1 the step is the plain one. Importance-sampled timesteps (their
+    proposal already away from the logit-normal, so the weights are not 1) learn from all k micro-batches' losses."""
     import ddpm_conditional
     from modules import UNet, UNet_conditional
     step = ddpm_conditional.train_step if conditional else train_step
     images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     labels = (torch.arange(12) % 3,) if conditional else ()
-    diffusion = Diffusion(img_size=8, channels=1, device="cpu", prediction="v", loss_weighting="min_snr")
-    results = []
+    results, proposals = [], []
     for k in (1, 3, 12):
+        diffusion = Diffusion(img_size=8, channels=1, device="cpu", prediction="v", loss_weighting="min_snr",
+                              timesteps=timesteps)
+        if timesteps == "importance":
+            diffusion.loss_count.fill_(8)
+            diffusion.loss_square = torch.linspace(0.1, 4, 20)  # larger at more noise
+            before = diffusion.proposal()
         torch.manual_seed(0)
         model = UNet_conditional(1, 1, 32, 3, width=8, attention=(4,)) if conditional else UNet(1, 1, 32, width=8)
         config = argparse.Namespace(flip=True, channels_last=False, cfg_drop=0.5, ema_start=0, grad_accum=k)
@@ -274,12 +286,20 @@ def test_gradient_accumulation_equals_one_batch_of_all_micro_batches(conditional
         loss = step(model, copy.deepcopy(model), EMA(0.9), optimizer, diffusion, images, *labels,
                     torch.Generator().manual_seed(0), config, None)
         results.append((loss, [p.grad for p in model.parameters()]))
+        if timesteps == "importance":
+            proposals.append(diffusion.proposal())
+            assert diffusion.loss_count.sum() == 20 * 8 + 12 and diffusion.importance_weight(
+                torch.tensor([100, 900])).tolist() != [1, 1]
     (loss, grads), others = results[0], results[1:]
     for other_loss, other_grads in others:
         assert other_loss.item() == pytest.approx(loss.item(), rel=1e-5)
         for g, other in zip(grads, other_grads):
             torch.testing.assert_close(other, g, rtol=1e-4, atol=1e-6)
     assert max(g.abs().max() for g in grads) > 1e-3  # gradients that could differ
+    for other in proposals[1:]:
+        torch.testing.assert_close(other, proposals[0], rtol=1e-5, atol=0)
+    if proposals:  # and the step's losses moved it
+        assert (proposals[0] - before).abs().max() > 1e-3
 
 
 def test_training_flips_images_only_when_asked():
