@@ -136,7 +136,7 @@ def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, sched
     """A checkpoint every step; kill -9 soon after the first one appears (mid-epoch, while writing, ...): the files
     left are whole, and running the command again finishes with the uninterrupted run's weights (also along a
     warm-up and cosine learning-rate schedule, with Muon, and with importance-sampled timesteps, whose losses so
-    far are saved: ddpm_conditional.py's default, asked for here in ddpm.py)."""
+    far are saved)."""
     args = ("--epochs", "3", "--save_every", "1", *schedule)
     process = subprocess.Popen(command(script, *args), cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
