@@ -270,7 +270,7 @@ def share(draw, n, shard):
 
 def gather(x, shard):
     """The whole global batch's values from every process's slice of them (share's inverse)."""
-    rank, world_size = shard
+    world_size = shard[1]
     if world_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size)]
