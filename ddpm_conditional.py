@@ -46,8 +46,9 @@ SCHEDULE = "cosine"       # "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et
 PREDICTION = "v"          # what the UNet predicts: "v" (Salimans & Ho 2022), "eps" (the tutorial's) or "x0"
 LOSS_WEIGHTING = "min_snr"  # "min_snr" (Hang et al. 2023) or "none" (plain MSE, the tutorial's)
 MIN_SNR_GAMMA = 5.0
-TIMESTEPS = "logit_normal"  # how training draws t: "logit_normal" (Esser et al. 2024), "importance" (the same
-                            # objective, drawn where its loss varies most) or "uniform" (the tutorial's)
+TIMESTEPS = "importance"  # how training draws t: "importance" (the logit-normal's objective, drawn where its loss
+                          # varies most, Nichol & Dhariwal 2021), "logit_normal" (Esser et al. 2024) or "uniform"
+                          # (the tutorial's)
 # --- training ---
 EPOCHS = 24
 BATCH_SIZE = 16           # images a step; tutorial: 14. On a CPU more steps beat bigger batches (README)
