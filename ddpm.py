@@ -179,10 +179,11 @@ class Diffusion:
     def learn_proposal(self, t, losses):
         """"importance": each bin's mean squared loss takes in the losses (loss(), unweighted) at timesteps t: a mean
         over all the bin's losses so far, each weighted (31/32)^k, k the number of the bin's losses after it (so about
-        its last 32). Called with the whole global batch after its step, so proposal() stays the same within a step."""
-        bins = self.bin_of_t[t]
-        seen = torch.zeros_like(self.loss_count).index_add_(0, bins, torch.ones_like(losses))
-        batch_square = torch.zeros_like(self.loss_square).index_add_(0, bins, losses.float().square())
+        its last 32). Called with the whole global batch after its step, so proposal() stays the same within a step.
+        A NaN or infinite loss is left out (the run's NaN stop reports it), so the proposal stays a distribution."""
+        bins, finite = self.bin_of_t[t], losses.isfinite()
+        seen = torch.zeros_like(self.loss_count).index_add_(0, bins, finite.float())
+        batch_square = torch.zeros_like(self.loss_square).index_add_(0, bins, losses.float().where(finite, 0).square())
         kept = (31 / 32) ** seen
         self.loss_square = kept * self.loss_square + (1 - kept) * batch_square / seen.clamp(min=1)
         self.loss_count = self.loss_count + seen

@@ -60,6 +60,21 @@ def test_logit_normal_timesteps_follow_their_distribution():
         Diffusion(device="cpu", timesteps="beta")
 
 
+def test_importance_proposal_leaves_out_non_finite_losses():
+    """A NaN or infinite loss (say an fp16 overflow) does not enter the proposal: the learnt state is the one without
+    it, so t stays drawable until the run's NaN stop reports the loss."""
+    with_bad, without = (Diffusion(device="cpu", timesteps="importance") for _ in range(2))
+    t = torch.arange(0, 1000, 25)  # two timesteps in each of the 20 bins
+    losses = torch.linspace(0.5, 2.0, 40)
+    with_bad.learn_proposal(t, torch.cat([torch.tensor([float("inf"), float("nan")]), losses[2:]]))
+    without.learn_proposal(t[2:], losses[2:])
+    assert torch.equal(with_bad.loss_square, without.loss_square)
+    assert torch.equal(with_bad.loss_count, without.loss_count)
+    for _ in range(8):
+        with_bad.learn_proposal(t, losses)
+    assert torch.all(with_bad.proposal().isfinite()) and torch.all(with_bad.proposal() > 0)
+
+
 def test_importance_sampled_timesteps_keep_the_logit_normal_objective():
     """"importance" (Nichol & Dhariwal 2021, sec. 3.3, on the logit-normal): t is drawn as the logit-normal draws it
     until each of the 20 bins of 50 steps has 8 losses; then bin b at rate q_b = 0.8 p_b sqrt(E_b[L^2]) / Z + 0.2 p_b,
