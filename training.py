@@ -371,8 +371,9 @@ class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024) for the parameter groups marked "muon": True, AdamW for those marked False, in one
     optimizer (one state to save and resume). A matrix's update is its Nesterov momentum orthogonalised (a
     convolution's weight seen as out x in*k*k), scaled to the RMS that AdamW's update has, 0.2 (Liu et al. 2025), so
-    one LR serves both. The AdamW part has beta2 0.99 (torch's default: 0.999), as in the README's Muon runs.
-    (torch.optim.Muon takes 2-D parameters only, and orthogonalises in bf16, slow on CPUs without it.)"""
+    one LR serves both. The AdamW part has beta2 0.99 (torch's default: 0.999), as in the Muon runs of
+    docs/measurements.md. (torch.optim.Muon takes 2-D parameters only, and orthogonalises in bf16, slow on CPUs
+    without it.)"""
 
     def __init__(self, groups, lr, momentum=0.95, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01):
         super().__init__(groups, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay))
