@@ -29,10 +29,11 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_f
 
 import ddpm
 import ddpm_conditional
-from ddpm import Diffusion
-from modules import EMA
-from training import OPTIMIZERS, make_diffusion, make_model, make_optimizer
-from utils import UserError, amp_dtype, autocast, bf16_supported, pick_device
+from data import UserError
+from ddpm import Diffusion, make_diffusion, make_model
+from importance import ImportanceSampler
+from modules import EMA, make_optimizer
+from utils import amp_dtype, autocast, bf16_supported, pick_device
 
 
 def count_cpu_attention_flops():
@@ -108,7 +109,7 @@ def main(argv=None):
     parser.add_argument("--res_blocks", type=int, default=1, help="residual blocks per level (1: the tutorial's)")
     parser.add_argument("--bottleneck_embedding", action=argparse.BooleanOptionalAction, default=False,
                         help="the embedding enters the bottleneck too (off: the tutorial's)")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw: the tutorial's")
+    parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw", help="adamw: the tutorial's")
     parser.add_argument("--film", action=argparse.BooleanOptionalAction, default=False,
                         help="the embedding as a scale and shift (off: the tutorial's addition)")
     parser.add_argument("--timesteps", choices=("uniform", "logit_normal", "importance"), default="uniform",
@@ -119,7 +120,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                         help="bf16 / fp16: autocast (fp16 with a GradScaler); default: what the scripts' AMP picks")
-    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
+                        help="the model and its inputs in channels-last memory format (the scripts: off)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (the median is reported)")
     parser.add_argument("--sample_repeats", type=int, default=3, help="timed repeats of each sampler (fewer after 8 s)")
@@ -163,6 +165,7 @@ def benchmark(args):
     ema = EMA(0.995)
     optimizer = make_optimizer(model, 3e-4, device, args.optimizer)
     diffusion = make_diffusion(config, device)
+    importance = ImportanceSampler(diffusion.noise_steps, device) if args.timesteps == "importance" else None
     train_model = torch.compile(model) if args.compile else model
     generator = torch.Generator(device).manual_seed(0)
     n = args.batch_size
@@ -174,10 +177,10 @@ def benchmark(args):
     def step():
         if args.conditional:
             ddpm_conditional.train_step(train_model, ema_model, ema, optimizer, diffusion, images, labels, generator,
-                                        config, amp, scaler=scaler)
+                                        config, amp, scaler, importance)
         else:
-            ddpm.train_step(train_model, ema_model, ema, optimizer, diffusion, images, generator, config, amp,
-                            scaler=scaler)
+            ddpm.train_step(train_model, ema_model, ema, optimizer, diffusion, images, generator, config, amp, scaler,
+                            importance)
 
     with FlopCounterMode(display=False) as flops:  # forward and backward of one step (matmuls, convolutions, attention)
         step()

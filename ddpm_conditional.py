@@ -1,144 +1,210 @@
 """Class-conditional DDPM with classifier-free guidance (Ho & Salimans 2022) and an EMA copy of the weights.
 
-    python ddpm_conditional.py                          # built-in "shapes" data (33 min on a 2-core CPU; bf16: 14-17)
-    python ddpm_conditional.py --dataset cifar10 --img_size 64 --width 64 --attention 1,2,4,8 --epochs 300
+    python ddpm_conditional.py                          # built-in "shapes" data (33 min on a 2-core CPU)
+    python ddpm_conditional.py config/tutorial.py       # the tutorial's setting: CIFAR-10 at 64x64 (a GPU run)
+    python ddpm_conditional.py config/fashion_mnist.py  # presets are in config/; options override them:
     python ddpm_conditional.py --dataset multishapes --run_name multishapes   # multi-hot labels (attributes)
 
-Every UPPERCASE constant below is also a command-line option of the same name in lower case. Below them, what makes
-training conditional: each sample's label is dropped to the null condition with probability CFG_DROP (so one network
-learns the conditional and the unconditional model), the EMA update after each step, and the sample grid, guided with
-CFG_SCALE (the mix itself: Diffusion.guided_output in ddpm.py). Checkpoints: models/<RUN_NAME>/{ckpt,ema_ckpt,
-train_state}.pt; grids (one row per class, or per attribute) and the loss curve: results/<RUN_NAME>/. Running the
-same command again resumes (the loop, checkpoints and torchrun are in training.py).
+Every UPPERCASE constant below is also a command-line option of the same name in lower case (--help lists them).
+What makes training conditional: each sample's label is dropped to the null condition with probability CFG_DROP
+(drop_labels: one network learns the conditional and the unconditional model), the EMA update after each step
+(train_step), and the sample grid, guided with CFG_SCALE (the mix itself: Diffusion.guided_output in ddpm.py).
+Checkpoints: models/<RUN_NAME>/{ckpt,ema_ckpt,train_state}.pt; grids (one row per class, or per attribute) and the
+loss curve: results/<RUN_NAME>/. Running the same command again resumes.
 """
+import argparse
+import copy
+
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from ddpm import Diffusion
-from modules import EMA, UNet_conditional
-from training import gather, load_run, run_script, share
-from utils import autocast, plot_images
+from data import complete_config, load_dataset
+from ddpm import Diffusion, load_run, make_diffusion
+from importance import ImportanceSampler
+from modules import EMA, UNet_conditional, make_optimizer
+from options import check_config, clear_errors, parse_config
+from utils import (all_gather, amp_dtype, autocast, distributed, get_data, learning_rate,
+                   mean_loss, plot_images, read_train_state, resume, save_images, save_loss_plot,
+                   save_progress_gif, save_train_state, setup_logging)
 
-__all__ = ["Diffusion", "EMA", "UNet_conditional", "load_run", "plot_images", "sample_grid", "train_step"]
+__all__ = ["Diffusion", "EMA", "UNet_conditional", "load_run", "plot_images", "save_images"]
 
-# --- data ---
+# --- the tutorial's knobs ---
 RUN_NAME = "DDPM_conditional"  # files go to models/<RUN_NAME>/ and results/<RUN_NAME>/
-# DATASET: "shapes" or "multishapes" (built in; multishapes: 1 to 3 shapes an image, multi-hot labels), "cifar10",
-# "mnist", "fashion_mnist", a FER-2013 .csv, an attribute table (CelebA's list_attr_celeba.txt, or a .csv), or a folder
-DATASET = "shapes"
-DATA_DIR = "data"         # where torchvision datasets are downloaded to / looked for
-NUM_IMAGES: int | None = None  # a fixed random subset of this many training images (None: all; "shapes": 10000)
-IMG_SIZE = 32             # int, or (height, width); divisible by 8
-CHANNELS: int | None = None  # None: the dataset's (1 grayscale, 3 RGB)
-FLIP: bool | None = None  # random horizontal flips; None: the dataset's (on, off for mnist, fashion_mnist)
-NUM_CLASSES: int | None = None  # None: the dataset's
-ATTRIBUTES: str | None = None  # multi-label data: the attributes to learn, e.g. "Smiling,Eyeglasses" (None: all)
-# --- model ---
+DATASET = "shapes"        # "shapes" or "multishapes" (built in, no download; multishapes: 1 to 3 shapes an image,
+                          # multi-hot labels), "cifar10", "mnist", "fashion_mnist", a folder of class subfolders, a
+                          # FER-2013 .csv, or an attribute table (CelebA's list_attr_celeba.txt, or a .csv)
+IMG_SIZE = 32             # an int, or (height, width); divisible by 8; tutorial: 64
+NUM_CLASSES: int | None = None  # None: the dataset's; tutorial: 10
 WIDTH = 16                # channels at full resolution; tutorial: 64
-ATTENTION = (8,)          # self-attention at these downsampling factors; tutorial: (1, 2, 4, 8), all six blocks
-NORM_GROUPS = 8           # GroupNorm groups in every convolution block (must divide WIDTH); tutorial: 1
-RES_BLOCKS = 1            # residual blocks in each Down and Up level before the one that changes the width; tutorial: 1
-BOTTLENECK_EMBEDDING = False  # the time/label embedding enters the bottleneck too (README); tutorial: False
-FILM = True               # the time/label embedding as a per-channel scale and shift; tutorial: False (added)
-# --- diffusion ---
-NOISE_STEPS = 1000        # T
-BETA_START, BETA_END = 1e-4, 0.02
-SCHEDULE = "cosine"       # "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et al. 2020, the tutorial's)
-PREDICTION = "v"          # what the UNet predicts: "v" (Salimans & Ho 2022), "eps" (the tutorial's) or "x0"
-LOSS_WEIGHTING = "min_snr"  # "min_snr" (Hang et al. 2023) or "none" (plain MSE, the tutorial's)
-MIN_SNR_GAMMA = 5.0
-TIMESTEPS = "importance"  # how training draws t: "importance" (the logit-normal's objective, drawn where its loss
-                          # varies most, Nichol & Dhariwal 2021), "logit_normal" (Esser et al. 2024) or "uniform"
-                          # (the tutorial's)
-# --- training ---
-EPOCHS = 24
-BATCH_SIZE = 16           # images a step; tutorial: 14. On a CPU more steps beat bigger batches (README)
-GRAD_ACCUM = 1            # micro-batches of BATCH_SIZE per optimizer step (a big model on a small GPU): same result
+ATTENTION = (8,)          # self-attention at these downsampling factors, among 1, 2, 4, 8; tutorial: all four
+EPOCHS = 24               # tutorial: 300
+BATCH_SIZE = 16           # images a step; tutorial: 14. On a CPU more steps beat bigger batches
 LR = 2e-3                 # peak learning rate; tutorial: 3e-4
-LR_WARMUP = 200           # steps of linear warm-up from 0 to LR; tutorial: 0
-LR_SCHEDULE = "cosine"    # then "cosine" or "linear" decay to 0 at the last step, or "constant" (the tutorial's)
-OPTIMIZER = "adamw"       # "adamw" (the tutorial's) or "muon" (Muon for the weight matrices, AdamW for the rest)
 CFG_DROP = 0.1            # probability that a sample's label is replaced by the null condition
 CFG_SCALE = 3.0           # guidance scale of the sample grids: 1 conditional, 0 unconditional, >1 guided
 EMA_BETA = 0.99           # EMA decay, matched to a short run; tutorial: 0.995
 EMA_START = 300           # steps during which the EMA model just copies the weights; tutorial: 2000
-SAMPLE_STEPS = 20         # sampler steps for the sample grid written after each epoch (20: as good as 50, README)
-SAMPLER = "ddim"          # its sampler: "ddim" or "dpm++" (DPM-Solver++(2M)); tutorial: ancestral, 1000 steps
+# --- beyond the tutorial: the measured recipe (docs/measurements.md) ---
+NORM_GROUPS = 8           # GroupNorm groups in every convolution block (must divide WIDTH); tutorial: 1
+FILM = True               # the time/label embedding as a per-channel scale and shift; tutorial: False (added)
+SCHEDULE = "cosine"       # "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et al. 2020; tutorial)
+PREDICTION = "v"          # what the UNet predicts: "v" (Salimans & Ho 2022), "eps" (tutorial) or "x0"
+LOSS_WEIGHTING = "min_snr"  # "min_snr" (Hang et al. 2023, gamma 5) or "none" (plain MSE; tutorial)
+TIMESTEPS = "importance"  # how training draws t: "importance" (the logit-normal's objective, drawn where its loss
+                          # varies most), "logit_normal" (Esser et al. 2024) or "uniform" (tutorial)
+LR_WARMUP = 200           # steps of linear warm-up from 0 to LR; tutorial: 0
+LR_SCHEDULE = "cosine"    # then "cosine" or "linear" decay to 0 at the last step, or "constant" (tutorial)
+OPTIMIZER = "adamw"       # "adamw" (tutorial) or "muon" (Muon for the weight matrices, AdamW for the rest)
+SAMPLER = "ddim"          # the sample grid's sampler: "ddim", "dpm++" (DPM-Solver++(2M)) or "ancestral" (tutorial)
+SAMPLE_STEPS = 20         # its steps (20: as good as 50); "ancestral" takes all 1000
+# --- data and machine ---
+DATA_DIR = "data"         # where torchvision datasets are downloaded to / looked for
+NUM_IMAGES: int | None = None  # a fixed random subset of this many training images (None: all; "shapes": 10000)
+ATTRIBUTES: str | None = None  # multi-label data: the attributes to learn, e.g. "Smiling,Eyeglasses" (None: all)
+FLIP: bool | None = None  # random horizontal flips; None: the dataset's (off for mnist and fashion_mnist)
+GRAD_ACCUM = 1            # micro-batches of BATCH_SIZE per optimizer step (a big model on a small GPU): same result
 SAVE_EVERY = 0            # also save every N steps within an epoch (0: only at the end of each epoch)
-LOG_EVERY = 25            # steps between loss readouts (each one waits for the device)
 SEED = 0
-# --- machine ---
-DEVICE = "auto"           # "auto": CUDA, else Apple MPS, else CPU
-AMP: bool | str = True   # mixed precision: bf16 where native, fp16 on older CUDA GPUs, else fp32; or "fp16"/"bf16"
-CHANNELS_LAST = False     # channels-last memory format: True for tensor-core GPUs; on CPUs it slows GroupNorm in >1 group
+DEVICE = "auto"           # "auto": CUDA, else Apple MPS, else CPU; or "cpu", "cuda", "cuda:1", "mps"
+AMP: bool | str = True    # mixed precision: bf16 where native, fp16 on older CUDA GPUs, else fp32; or "bf16", "fp16"
 COMPILE = False           # torch.compile the model
-NUM_WORKERS = 4           # DataLoader workers for image folders (in-memory datasets need none)
 
 
-def drop_labels(labels, p, generator=None, shard=(0, 1)):
+def drop_labels(labels, p, generator=None, rank=0, world_size=1):
     """Classifier-free guidance training: each sample's label becomes the null condition with probability p,
     independently (Ho & Salimans 2022, Algorithm 1). Null: -1 for class indices, all zeros for multi-hot vectors."""
-    drop = share(lambda m: torch.rand(m, device=labels.device, generator=generator), len(labels), shard) < p
+    n = len(labels)
+    drop = torch.rand(n * world_size, device=labels.device, generator=generator)[rank * n:(rank + 1) * n] < p
     if labels.is_floating_point():
         return labels * ~drop[:, None]
     return torch.where(drop, -1, labels)
 
 
-def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, generator, config, amp_dtype, shard=(0, 1),
-               scaler=None):
-    """One optimizer step of Algorithm 1 with labels, then the EMA update; returns the loss as a tensor (no host
-    sync). shard and scaler: as in ddpm.train_step."""
+def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, generator, c, amp=None, scaler=None,
+               importance=None, rank=0, world_size=1):
+    """One optimizer step of Algorithm 1 with labels, then the EMA update; returns the loss as a tensor (no wait for
+    the device). scaler, importance, rank and world_size: as in ddpm.train_step."""
     x0 = images.float() / 127.5 - 1  # [0, 255] -> [-1, 1]
-    n, device = len(x0), x0.device
-    if config.flip:  # random horizontal flips
-        flip = share(lambda m: torch.rand(m, device=device, generator=generator), n, shard) < 0.5
+    n, N, device = len(x0), len(x0) * world_size, x0.device
+    mine = slice(rank * n, (rank + 1) * n)  # this process's slice of the global batch (see ddpm.train_step)
+    if c.flip:  # random horizontal flips
+        flip = torch.rand(N, device=device, generator=generator)[mine] < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    t = share(lambda m: diffusion.sample_timesteps(m, generator), n, shard)
-    noise = share(lambda m: torch.randn((m, *x0.shape[1:]), device=device, generator=generator), n, shard)
+    t = (importance or diffusion).sample_timesteps(N, generator)[mine]  # Algorithm 1, line 3
+    noise = torch.randn((N, *x0.shape[1:]), device=device, generator=generator)[mine]  # line 4: eps ~ N(0, I)
     x_t, noise = diffusion.noise_images(x0, t, noise)
-    if config.channels_last:
-        x_t = x_t.contiguous(memory_format=torch.channels_last)
-    labels = drop_labels(labels, config.cfg_drop, generator, shard)  # each sample's, with probability CFG_DROP
+    labels = drop_labels(labels, c.cfg_drop, generator, rank, world_size)  # each sample's, with probability CFG_DROP
     optimizer.zero_grad(set_to_none=True)
-    micro, total, losses = n // config.grad_accum, 0.0, []  # GRAD_ACCUM micro-batches (see ddpm.train_step)
+    micro, total, losses = n // c.grad_accum, 0.0, []  # GRAD_ACCUM micro-batches: their gradients add up
     for part in (slice(i, i + micro) for i in range(0, n, micro)):
-        with autocast(device, amp_dtype):
+        with autocast(device, amp):
             predicted = model(x_t[part], t[part], labels[part])
-        losses.append(diffusion.loss(predicted, x0[part], noise[part], t[part]))
-        loss = (diffusion.importance_weight(t[part]) * losses[-1]).mean() / config.grad_accum
-        (loss if scaler is None else scaler.scale(loss)).backward()  # float16: scaled (see ddpm.train_step)
+        losses.append(diffusion.loss(predicted, x0[part], noise[part], t[part]))  # line 5, one per sample
+        weight = 1.0 if importance is None else importance.weight(t[part])
+        loss = (weight * losses[-1]).mean() / c.grad_accum
+        (loss if scaler is None else scaler.scale(loss)).backward()  # float16: scaled, so small gradients survive
         total += loss.detach()
     if scaler is None:
-        optimizer.step()
+        optimizer.step()  # line 6: a gradient step
     else:
         scaler.step(optimizer)
         scaler.update()
-    ema.step_ema(ema_model, model, config.ema_start)  # ema = EMA_BETA * ema + (1 - EMA_BETA) * weights
-    if diffusion.timesteps == "importance":  # see ddpm.train_step
-        diffusion.learn_proposal(gather(t, shard), gather(torch.cat(losses).detach(), shard))
+    ema.step_ema(ema_model, model, c.ema_start)  # ema = EMA_BETA * ema + (1 - EMA_BETA) * weights
+    if importance is not None:  # the next steps' t are drawn by the whole global batch's losses
+        importance.update(all_gather(t, world_size), all_gather(torch.cat(losses).detach(), world_size))
     return total
 
 
-def grid_labels(config, per_row=8):
+def grid_labels(c, per_row=8):
     """The labels of the sample grid, a row of `per_row` each: one row per class (at most 10 classes); for
-    multi-label data, one row per attribute alone (at most 8), then the first two together, the first three
-    together."""
-    if not config.multi_label:
-        return torch.arange(min(config.num_classes, 10)).repeat_interleave(per_row)
-    n = config.num_classes
-    attribute = torch.arange(n)
-    rows = [attribute == i for i in range(min(n, 8))] + [attribute < k for k in (2, 3) if k <= n]
+    multi-label data, one row per attribute alone (at most 8), then the first two together, the first three."""
+    if not c.multi_label:
+        return torch.arange(min(c.num_classes, 10)).repeat_interleave(per_row)
+    attribute = torch.arange(c.num_classes)
+    rows = [attribute == i for i in range(min(c.num_classes, 8))] + [attribute < k for k in (2, 3)
+                                                                      if k <= c.num_classes]
     return torch.stack(rows).float().repeat_interleave(per_row, dim=0)
 
 
-def sample_grid(diffusion, ema_model, config, amp_dtype, device):
+def sample_grid(diffusion, ema_model, c, amp, device):
     """The images written after each epoch, a row for each of grid_labels, guided with CFG_SCALE, from the same
     noise every epoch (so the grids show progress)."""
-    labels = grid_labels(config).to(device)
-    generator = torch.Generator(device).manual_seed(config.seed)
-    with autocast(device, amp_dtype):
-        return diffusion.sample(ema_model, len(labels), labels, config.cfg_scale, config.sample_steps, generator,
-                                progress=False, sampler=config.sampler)
+    labels = grid_labels(c).to(device)
+    generator = torch.Generator(device).manual_seed(c.seed)
+    with autocast(device, amp):
+        return diffusion.sample(ema_model, len(labels), labels, c.cfg_scale, c.sample_steps, generator,
+                                progress=False, sampler=c.sampler)
+
+
+def train(config):
+    """Train a class-conditional UNet on the data of `config` (the constants above, lower-case), a guided sample
+    grid after each epoch; resumes the run in models/<run_name>/ where one is. Returns (model, ema_model)."""
+    c = argparse.Namespace(**vars(config))  # completed below from the data; the caller's stays as it was
+    check_config(c)
+    with distributed(c.device) as (device, rank, world_size):  # torchrun: one process per GPU
+        log = print if rank == 0 else lambda *args: None
+        dataset = load_dataset(c.dataset, c.img_size, None, "train", c.data_dir, c.num_images, c.seed, c.attributes)
+        complete_config(c, dataset, conditional=True)  # channels, classes, num_classes, multi-hot labels or not
+        c.world_size = world_size  # the global batch is world_size * batch_size * grad_accum images
+        models_dir, results_dir = setup_logging(c.run_name)
+        state = read_train_state(models_dir, vars(c))  # None for a new run
+
+        torch.manual_seed(c.seed)
+        model = UNet_conditional(c.channels, c.channels, num_classes=c.num_classes, width=c.width,
+                                 attention=c.attention, norm_groups=c.norm_groups, film=c.film).to(device)
+        ema_model = copy.deepcopy(model).requires_grad_(False)
+        ema = EMA(c.ema_beta)
+        optimizer = make_optimizer(model, c.lr, device, c.optimizer)
+        diffusion = make_diffusion(c, device)
+        importance = ImportanceSampler(diffusion.noise_steps, device) if c.timesteps == "importance" else None
+        amp = amp_dtype(device, c.amp)
+        scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None  # fp16 needs a loss scale
+        generator = torch.Generator(device).manual_seed(c.seed)  # every random draw of training comes from it
+        run = dict(model=model, ema_model=ema_model, optimizer=optimizer, ema=ema, scaler=scaler,
+                   generator=generator, importance=importance)
+        epoch, batch, step, losses = resume(state, run, log) if state else (0, 0, 0, [])
+        if epoch >= c.epochs:
+            log(f"{models_dir} has already trained {epoch} epochs (--epochs {c.epochs}): nothing to do")
+            return model, ema_model
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if world_size > 1 else model  # averages the gradients
+        train_model = torch.compile(train_model) if c.compile else train_model
+        batch_size = c.batch_size * c.grad_accum  # images per optimizer step and process
+        dataloader = get_data(dataset, batch_size, c.seed, device, rank, world_size)
+        log(f"{len(dataset)} images, {len(dataloader)} steps per epoch, {sum(p.numel() for p in model.parameters()):,}"
+            f" parameters, on {device}{f' with {str(amp)[6:]} autocast' if amp else ''}"
+            f"{f', {world_size} processes, global batch {world_size * batch_size}' if world_size > 1 else ''}")
+        for epoch in range(epoch, c.epochs):
+            dataloader.sampler.set_epoch(epoch, start=batch)
+            pbar = tqdm(dataloader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, disable=rank != 0)
+            total, count = 0.0, 0  # the losses since the last readout, summed on the device
+            for images, labels in pbar:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(c, step, len(dataloader))
+                total += train_step(train_model, ema_model, ema, optimizer, diffusion, images.to(device),
+                                    labels.to(device), generator, c, amp, scaler, importance, rank, world_size)
+                step, batch, count = step + 1, batch + 1, count + 1
+                save_now = c.save_every and step % c.save_every == 0 and batch < len(dataloader)
+                if step % 25 == 0 or batch == len(dataloader) or save_now:  # a readout waits for the device
+                    losses.append((step, mean_loss(total, count, world_size, step, models_dir)))  # NaN: stop
+                    pbar.set_postfix(loss=f"{losses[-1][1]:.4f}")
+                    total, count = 0.0, 0
+                if save_now and rank == 0:
+                    save_train_state(models_dir, c, run, epoch, batch, step, losses)
+            pbar.close()
+            batch = 0
+            if rank == 0:
+                save_train_state(models_dir, c, run, epoch + 1, 0, step, losses)
+                save_images(sample_grid(diffusion, ema_model, c, amp, device), results_dir / f"{epoch + 1}.jpg")
+                save_progress_gif(results_dir, epoch + 1)
+                save_loss_plot(losses, results_dir / "loss.png")
+        log(f"done: {models_dir}/ema_ckpt.pt, sample grids in {results_dir}/")
+        return model, ema_model
 
 
 if __name__ == "__main__":
-    run_script(globals(), train_step, sample_grid, conditional=True)
+    with clear_errors():  # bad input: one line, no traceback
+        train(parse_config(globals()))

@@ -27,10 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddpm import check_sampler
-from training import load_run, load_weights, read_config
-from utils import (ImageTensors, UserError, amp_dtype, attribute_names, autocast, default_flip, image_size, in_memory,
-                   load_dataset, pick_device)
+from data import ImageTensors, UserError, attribute_names, default_flip, image_size, in_memory, load_dataset
+from ddpm import load_run, read_config
+from utils import amp_dtype, autocast, load_weights, pick_device
 
 TF_FID_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # the file torchmetrics (torch-fidelity) loads for FID
 
@@ -341,7 +340,8 @@ def main(argv=None):
 
 
 def evaluate(args):
-    check_sampler(args.sampler)
+    if args.sampler not in ("ddim", "dpm++"):
+        raise UserError(f"sampler '{args.sampler}': expected 'ddim' or 'dpm++'")
     if args.ode_error < 0:
         raise UserError(f"--ode_error {args.ode_error}: expected a number of samples (0: off)")
     device = pick_device(args.device)
@@ -390,8 +390,9 @@ def evaluate(args):
         key = cfg_scale if conditional else None, steps, sampler  # an unconditional model has no guidance
         if key not in done:  # the main setting comes back in both sweeps
             start = time.perf_counter()
-            samples = generate(diffusion, model, labels, n, cfg_scale, None if steps >= config.noise_steps else steps,
-                               amp, args.seed, sampler=sampler)
+            ancestral = steps >= config.noise_steps
+            samples = generate(diffusion, model, labels, n, cfg_scale, None if ancestral else steps, amp, args.seed,
+                               sampler="ancestral" if ancestral else sampler)
             result = measure(samples, labels, classifier, real_features_a, floor, conditional, real.classes)
             result.update(steps=steps, sampler=sampler, seconds=round(time.perf_counter() - start, 1))
             done[key] = result, samples

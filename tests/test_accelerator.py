@@ -25,7 +25,7 @@ DEVICE = os.environ.get("DDPM_TEST_DEVICE") or (
     "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA or MPS device here (DDPM_TEST_DEVICE=cpu forces one)")
 TINY = ["--num_images", "48", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
-        "--ema_start", "2", "--log_every", "1", "--channels_last", "True"]
+        "--ema_start", "2"]
 RUN = {"ddpm.py": "DDPM_unconditional", "ddpm_conditional.py": "DDPM_conditional"}
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from data import SHAPE_CLASSES, UserError, draw_multishapes, draw_shapes, load_dataset
 from modules import UNet
-from training import load_weights, parse_config, save_checkpoint
-from utils import (SHAPE_CLASSES, EpochBatches, UserError, draw_multishapes, draw_shapes, get_data, load_dataset,
-                   pick_device)
+from options import parse_config
+from utils import EpochBatches, get_data, load_weights, pick_device, save_checkpoint
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -293,8 +293,10 @@ def test_constants_become_typed_command_line_options():
     assert parse_config(constants, ["--attention", "()"]).attention == ()
     with pytest.raises(UserError, match=r"--lr fast: expected a value of type float \(the default is 0.0003\)"):
         parse_config(constants, ["--lr", "fast"])
-    with pytest.raises(SystemExit):  # argparse: an option that no constant defines
-        parse_config(constants, ["--epochz", "3"])
+    with pytest.raises(UserError, match=r"unrecognized arguments: --epochz 3 \(did you mean --epochs\?\)"):
+        parse_config({**constants, "EPOCHS": 24}, ["--epochz", "3"])  # an option that no constant defines
+    assert parse_config(constants, ["--amp"]).amp is True  # a bare flag
+    assert parse_config({**constants, "ATTENTION": 8}, []).attention == (8,)  # ATTENTION = 8 edited in the file
 
 
 def test_options_check_their_types_floats_take_ints_and_none_defaults_use_their_annotation():

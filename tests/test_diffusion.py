@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
+from data import UserError
 from ddpm import Diffusion
+from importance import ImportanceSampler
 from ddpm_conditional import drop_labels
-from utils import UserError
 
 
 class GaussianEps(torch.nn.Module):
@@ -56,22 +57,22 @@ def test_logit_normal_timesteps_follow_their_distribution():
         expected = 0.5 * (1 + math.erf(math.log(k / (1000 - k)) / math.sqrt(2)))
         observed = (t < k).double().mean().item()
         assert abs(observed - expected) < 5 * math.sqrt(expected * (1 - expected) / len(t))
-    with pytest.raises(UserError, match="timesteps 'beta': expected 'uniform', 'logit_normal' or 'importance'"):
+    with pytest.raises(UserError, match="timesteps 'beta': expected 'uniform' or 'logit_normal'"):
         Diffusion(device="cpu", timesteps="beta")
 
 
 def test_importance_proposal_leaves_out_non_finite_losses():
     """A NaN or infinite loss (say an fp16 overflow) does not enter the proposal: the learnt state is the one without
     it, so t stays drawable until the run's NaN stop reports the loss."""
-    with_bad, without = (Diffusion(device="cpu", timesteps="importance") for _ in range(2))
+    with_bad, without = (ImportanceSampler(1000, "cpu") for _ in range(2))
     t = torch.arange(0, 1000, 25)  # two timesteps in each of the 20 bins
     losses = torch.linspace(0.5, 2.0, 40)
-    with_bad.learn_proposal(t, torch.cat([torch.tensor([float("inf"), float("nan")]), losses[2:]]))
-    without.learn_proposal(t[2:], losses[2:])
+    with_bad.update(t, torch.cat([torch.tensor([float("inf"), float("nan")]), losses[2:]]))
+    without.update(t[2:], losses[2:])
     assert torch.equal(with_bad.loss_square, without.loss_square)
     assert torch.equal(with_bad.loss_count, without.loss_count)
     for _ in range(8):
-        with_bad.learn_proposal(t, losses)
+        with_bad.update(t, losses)
     assert torch.all(with_bad.proposal().isfinite()) and torch.all(with_bad.proposal() > 0)
 
 
@@ -80,19 +81,19 @@ def test_importance_sampled_timesteps_keep_the_logit_normal_objective():
     until each of the 20 bins of 50 steps has 8 losses; then bin b at rate q_b = 0.8 p_b sqrt(E_b[L^2]) / Z + 0.2 p_b,
     t within it as the logit-normal there, and the weight p_b / q_b makes E_q[weight f(t)] = E_p[f(t)] for any f.
     E_b[L^2] averages the bin's losses with weights (31/32)^age."""
-    diffusion = Diffusion(device="cpu", timesteps="importance")
+    diffusion = ImportanceSampler(1000, "cpu")
     cdf = [0.5 * (1 + math.erf(math.log(k / (1000 - k)) / math.sqrt(2))) if 0 < k < 1000 else float(k > 0)
            for k in range(1001)]
     p_t = torch.tensor(cdf, dtype=torch.float64).diff()  # P(t = k) of t = floor(1000 sigmoid(u)), u ~ N(0, 1)
     torch.testing.assert_close(diffusion.p_t.double(), p_t, rtol=1e-5, atol=1e-12)
     p_bin = p_t.view(20, 50).sum(1)
-    assert torch.equal(diffusion.proposal(), diffusion.p_bin) and torch.all(diffusion.importance_weight(p_t.argmax(
+    assert torch.equal(diffusion.proposal(), diffusion.p_bin) and torch.all(diffusion.weight(p_t.argmax(
         keepdim=True)) == 1)
     size = torch.where(torch.arange(20) < 10, 1.0, 4.0)  # the losses of bins 10-19 four times those of bins 0-9
     starts = torch.arange(0, 1000, 50)
     for i in range(8):
         assert torch.equal(diffusion.proposal(), diffusion.p_bin)  # some bin has fewer than 8 losses
-        diffusion.learn_proposal(starts + i, size * (1 + i % 2))  # |L| alternating 1, 2 (times size)
+        diffusion.update(starts + i, size * (1 + i % 2))  # |L| alternating 1, 2 (times size)
     ages = (31 / 32) ** torch.arange(7, -1, -1.0)  # the last loss (age 0) was 2, the one before it 1, ...
     mean_square = (ages * torch.tensor([1.0, 4.0] * 4)).sum() / ages.sum() * size ** 2
     q = p_bin * mean_square.double().sqrt()
@@ -105,7 +106,7 @@ def test_importance_sampled_timesteps_keep_the_logit_normal_objective():
     share = torch.bincount(t // 50, minlength=20).double() / n
     assert torch.all((share - q).abs() < 5 * (q * (1 - q) / n).sqrt())  # each bin drawn at its rate q_b
     for f in (lambda t: t % 50 / 50.0, lambda t: torch.cos(t / 150.0), lambda t: (t > 500).double()):
-        weighted = diffusion.importance_weight(t).double() * f(t.double())
+        weighted = diffusion.weight(t).double() * f(t.double())
         expected = (p_t * f(torch.arange(1000, dtype=torch.float64))).sum()
         assert abs(weighted.mean() - expected) < 5 * weighted.std() / math.sqrt(n)
     noisier = (t > 500).double()  # without the weights, another objective: the noisier half drawn more often
@@ -141,6 +142,23 @@ def test_timesteps_cover_all_of_1_to_T():
     model.timesteps.clear()
     diffusion.sample(model, 2, steps=7, progress=False)
     assert model.timesteps[0] == 49 and model.timesteps[-1] == 0 and len(model.timesteps) == 7
+
+
+def test_steps_and_sampler_mean_what_they_say():
+    """sampler="ddim" over every step is DDIM, deterministic (the same x_0 whatever the generator), not the ancestral
+    sampler; "ancestral" takes every step and refuses fewer; given neither, the tutorial's call, all T steps are
+    ancestral (stochastic)."""
+    diffusion = Diffusion(noise_steps=50, img_size=8, device="cpu")
+    model, x_T = GaussianEps(diffusion, MU, STD), torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ddim = [diffusion.denoise(model, x_T, steps=50, sampler="ddim", generator=torch.Generator().manual_seed(seed))
+            for seed in (1, 2)]
+    assert torch.equal(ddim[0], ddim[1]) and model.timesteps[-50:] == list(range(49, -1, -1))
+    ancestral = [diffusion.denoise(model, x_T, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    assert (ancestral[0] - ancestral[1]).abs().max() > 1e-3
+    assert torch.equal(ancestral[0], diffusion.denoise(model, x_T, steps=50, sampler="ancestral",
+                                                       generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(UserError, match=r"steps=20: the ancestral sampler takes every step \(50\)"):
+        diffusion.sample(model, 2, steps=20, sampler="ancestral")
 
 
 MU, STD = 0.2, 0.15  # 5 standard deviations stay inside [-1, 1], where the samplers clip x_0
@@ -276,6 +294,9 @@ def test_sampler_rejects_bad_labels_and_steps():
         diffusion.sample(model, 2, torch.tensor([1, 2, 3]), steps=2, progress=False)
     with pytest.raises(UserError, match="steps=1001"):
         diffusion.sample(model, 2, torch.tensor([1, 2]), steps=1001, progress=False)
+    from modules import UNet
+    with pytest.raises(UserError, match="labels given to an unconditional model"):  # not a raw TypeError
+        diffusion.sample(UNet(width=8, attention=()), 2, torch.tensor([1, 2]), steps=2, progress=False)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
@@ -363,11 +384,12 @@ def test_dpm_solver_starts_and_ends_with_the_ddim_step():
     again: with two steps it is DDIM. Its timesteps are uniform in lambda = log(alpha / sigma) where they are not
     too close to round to distinct integers."""
     diffusion = Diffusion(img_size=8, channels=1, device="cpu")
-    timesteps = diffusion.dpm_timesteps(6, 999)
+    timesteps = diffusion.sampler_timesteps(6, "dpm++", 999)
     lam = [diffusion.logsnr(t) for t in timesteps]
     assert timesteps[0] == 999 and timesteps[-1] == 0 and len(set(timesteps)) == 6
     assert max(lam[i + 1] - lam[i] for i in range(5)) < 1.05 * (lam[-1] - lam[0]) / 5
-    diffusion.ddim_timesteps = lambda steps, start: diffusion.dpm_timesteps(steps, start)  # DDIM on these timesteps
+    dpm_timesteps = diffusion.sampler_timesteps
+    diffusion.sampler_timesteps = lambda steps, sampler, start: dpm_timesteps(steps, "dpm++", start)  # DDIM on these
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     for steps in (6, 2):
         inputs, outputs = {}, {}
@@ -386,11 +408,11 @@ def test_dpm_solver_starts_and_ends_with_the_ddim_step():
 def test_dpm_timesteps_are_distinct_and_reach_every_timestep():
     diffusion = Diffusion(noise_steps=50, schedule="cosine", device="cpu")
     for steps in (2, 10, 30, 50):
-        t = diffusion.dpm_timesteps(steps, 49)
+        t = diffusion.sampler_timesteps(steps, "dpm++", 49)
         assert len(t) == steps and t[0] == 49 and t[-1] == 0 and all(a > b for a, b in zip(t, t[1:]))
-    assert diffusion.dpm_timesteps(50, 49) == list(range(49, -1, -1))
-    for steps in (5, None):  # also where it would not be used (None: all T ancestral steps)
-        with pytest.raises(UserError, match=r"sampler 'dpm': expected 'ddim' or 'dpm\+\+'"):
+    assert diffusion.sampler_timesteps(50, "dpm++", 49) == list(range(49, -1, -1))
+    for steps in (5, None):
+        with pytest.raises(UserError, match=r"sampler 'dpm': expected 'ancestral', 'ddim' or 'dpm\+\+'"):
             diffusion.denoise(GaussianEps(diffusion, MU, STD), torch.randn(1, 3, 8, 8), steps=steps, sampler="dpm")
 
 
@@ -493,6 +515,7 @@ def test_img2img_starts_at_the_noise_level_of_its_strength(sampler):
         correlation = torch.corrcoef(torch.stack([out.flatten(), x0.flatten()]))[0, 1].item()
         assert abs(correlation - math.sqrt(a * STD ** 2 / (a * STD ** 2 + 1 - a))) < 0.02
         assert abs(out.mean().item() - MU) < 0.003 and abs(out.std().item() / STD - 1) < 0.06
-    for strength in (0, 1.5):
+    assert torch.equal(diffusion.img2img(model, images, 0), images)  # strength 0: the images as they are
+    for strength in (-0.1, 1.5):
         with pytest.raises(UserError, match=f"strength={strength}: expected a number in"):
             diffusion.img2img(model, images, strength)

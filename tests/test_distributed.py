@@ -11,14 +11,14 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--num_images", "48", "--img_size", "16", "--width", "8", "--sample_steps", "2", "--ema_start", "2",
-        "--log_every", "1", "--amp", "False", "--timesteps", "importance"]
-# training.train, as `python ddpm_conditional.py` runs it, and then each process saves the weights it holds.
+        "--amp", "False", "--timesteps", "importance", "--device", "cpu"]
+# ddpm_conditional.train, as `python ddpm_conditional.py` runs it, and then each process saves the weights it holds.
 WORKER = f"""
 import os, sys
 sys.path.insert(0, {str(REPO)!r})
-import torch, ddpm_conditional, training
-config = training.parse_config(vars(ddpm_conditional), sys.argv[1:])
-model, ema_model = training.train(config, ddpm_conditional.train_step, ddpm_conditional.sample_grid, conditional=True)
+import torch, ddpm_conditional, options
+config = options.parse_config(vars(ddpm_conditional), sys.argv[1:])
+model, ema_model = ddpm_conditional.train(config)
 torch.save({{"model": model.state_dict(), "ema_model": ema_model.state_dict()}},
            f"weights_rank{{os.environ.get('RANK', 0)}}.pt")
 """
@@ -61,6 +61,6 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     # the loss logged at every step (the mean over both processes) is the one-process loss of the same global batch
     torch.testing.assert_close(state["losses"], single_state["losses"], rtol=1e-5, atol=0)
     # and the timesteps' proposal learnt every loss of the global batch: 6 steps of 16, as one process does
-    (square, count), (single_square, single_count) = state["timestep_losses"], single_state["timestep_losses"]
+    (square, count), (single_square, single_count) = (s["importance"].values() for s in (state, single_state))
     assert count.sum() == 6 * 16 and torch.equal(count, single_count)
     torch.testing.assert_close(square, single_square, rtol=1e-5, atol=0)

@@ -183,8 +183,9 @@ def test_ode_error_is_each_samplers_distance_to_the_odes_solution():
 
 def run_evaluate(tmp_path, *args):
     """`python evaluate.py <args>` in tmp_path with an empty torch cache (no Inception weights); its output."""
-    result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *args], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")})
+    result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *args, "--device", "cpu"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -221,8 +222,8 @@ def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path, mon
     monkeypatch.setattr(evaluate, "generate", watched_generate)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    evaluate.main(["--ckpt", "models/DDPM_unconditional/ema_ckpt.pt", "--n_per_class", "4", "--steps", "3", "--sweep",
-                   "--json", "out.json"])
+    evaluate.main(["--ckpt", "models/DDPM_unconditional/ema_ckpt.pt", "--device", "cpu", "--n_per_class", "4",
+                   "--steps", "3", "--sweep", "--json", "out.json"])
     stdout = capsys.readouterr().out
     assert "training a classifier" not in stdout  # the one the first call cached
     line = next(line for line in stdout.splitlines() if line.startswith("24 samples"))
@@ -239,7 +240,7 @@ def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path, mon
 def test_evaluate_a_run_on_an_image_folder_with_a_rare_class(tmp_path):
     """A folder has no test split: a fifth of each class is held out from the classifier as the real set, and said
     so; the samples follow the real set's class counts, a rare class included."""
-    from utils import draw_shapes
+    from data import draw_shapes
     shapes = draw_shapes(240, (16, 16))  # 40 of each shape
     for name, label, count in (("circles", 0, 40), ("squares", 1, 10)):
         folder = tmp_path / "faces" / name
@@ -247,7 +248,7 @@ def test_evaluate_a_run_on_an_image_folder_with_a_rare_class(tmp_path):
         for i, image in enumerate(shapes.images[shapes.labels == label][:count]):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
     tiny = ["--dataset", "faces", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
-            "--epochs", "1", "--amp", "False", "--num_workers", "0"]
+            "--epochs", "1", "--amp", "False"]
     train("ddpm_conditional.py", *tiny, cwd=tmp_path)
     result = run_evaluate(tmp_path, "--ckpt", "models/DDPM_conditional/ema_ckpt.pt", "--n_per_class",
                           "4", "--steps", "2", "--json", "out.json")
@@ -290,7 +291,7 @@ def test_a_multi_label_classifier_learns_attributes_that_occur_together(tmp_path
     path = evaluate.classifier_path("multishapes", tmp_path, (8, 8), 3, multi_label=True, attributes="star,circle")
     assert path.name == "multishapes_classifier_8x8_c3_multilabel_star-circle.pt"
     assert path != evaluate.classifier_path("shapes", tmp_path, (8, 8), 3)
-    from utils import ImageTensors
+    from data import ImageTensors
     classifier = evaluate.get_classifier(ImageTensors(images, labels, ["red", "green"]), path, "cpu", flip=False,
                                          max_steps=40)
     predictions, _ = evaluate.classify(classifier, images, multi_label=True)
@@ -302,7 +303,8 @@ def test_a_multi_label_classifier_learns_attributes_that_occur_together(tmp_path
 def test_a_checkpoint_and_data_of_different_label_kinds_are_refused(tmp_path):
     """A single-label run evaluated against an attribute table (multi-hot labels) stops with one line."""
     import ddpm_conditional
-    from training import make_model, parse_config
+    from ddpm import make_model
+    from options import parse_config
     (tmp_path / "faces.csv").write_text("file,Smiling,Hat\n" + "".join(f"{i}.png,1,0\n" for i in range(10)))
     for i in range(10):
         Image.new("RGB", (16, 16)).save(tmp_path / f"{i}.png")

@@ -6,11 +6,10 @@ import copy
 
 import torch
 
-from ddpm import Diffusion
+from data import load_dataset
+from ddpm import Diffusion, make_diffusion, make_model
 from ddpm_conditional import train_step
-from training import make_diffusion, make_model, make_optimizer
-from modules import EMA, UNet_conditional
-from utils import load_dataset
+from modules import EMA, UNet_conditional, make_optimizer
 
 BF16_ROUNDING = 2 ** -8  # relative rounding error of one bfloat16 operation (8 significant bits)
 

@@ -21,14 +21,15 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from data import UserError, default_flip
 from ddpm import Diffusion, train_step
+from importance import ImportanceSampler
 from modules import EMA, UNet_conditional
-from training import run_script
-from utils import UserError, default_flip
+from options import clear_errors, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--num_images", "48", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
-        "--ema_start", "2", "--log_every", "1", "--amp", "False"]
+        "--ema_start", "2", "--amp", "False", "--device", "cpu"]  # the CPU even where a GPU is (test_accelerator.py)
 RUN = {"ddpm.py": "DDPM_unconditional", "ddpm_conditional.py": "DDPM_conditional"}
 SCRIPTS = list(RUN)
 
@@ -48,7 +49,8 @@ def run(script, *args, cwd, expect_ok=True):
     sys.argv = command(script, *args)[1:]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_script(vars(module), module.train_step, module.sample_grid, script == "ddpm_conditional.py")
+            with clear_errors():  # as the script's __main__
+                module.train(parse_config(vars(module)))
     except SystemExit as stop:  # sys.exit(text): the text on stderr, exit status 1
         if stop.code not in (None, 0):
             err.write(f"{stop.code}\n")
@@ -82,8 +84,8 @@ def assert_same_training(a, b):
     assert (a["step"], a["epoch"], a["batch"], a["ema_step"]) == (b["step"], b["epoch"], b["batch"], b["ema_step"])
     assert a["losses"] == b["losses"]
     assert torch.equal(a["generator"], b["generator"])
-    assert (a["timestep_losses"] is None) == (b["timestep_losses"] is None)  # "importance": the losses that draw t
-    assert all(torch.equal(x, y) for x, y in zip(a["timestep_losses"] or (), b["timestep_losses"] or ()))
+    assert (a["importance"] is None) == (b["importance"] is None)  # "importance": the losses that draw t
+    assert all(torch.equal(a["importance"][k], b["importance"][k]) for k in (a["importance"] or ()))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def test_script_writes_its_files_and_resumes_to_identical_weights(script, tmp_pa
     assert config["channels"] == 3 and config["num_classes"] == (6 if script == "ddpm_conditional.py" else None)
 
     # the checkpoints are plain state dicts, loadable the tutorial's way
-    from training import make_model
+    from ddpm import make_model
     model = make_model(argparse.Namespace(**config))
     model.load_state_dict(torch.load(models / "ema_ckpt.pt", weights_only=True))
     grid = Image.open(results / "2.jpg")  # a row of 8 per class (6 shapes), or 8 x 8 without classes
@@ -132,7 +134,7 @@ COSINE = ("--lr_schedule", "cosine", "--lr_warmup", "4")
 @pytest.mark.parametrize("script,schedule", [(script, ()) for script in SCRIPTS] + [("ddpm.py", COSINE)] +
                          [("ddpm_conditional.py", ("--optimizer", "muon"))] +
                          [("ddpm.py", ("--timesteps", "importance"))])
-def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, schedule, tmp_path, uninterrupted):
+def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, schedule, tmp_path):
     """A checkpoint every step; kill -9 soon after the first one appears (mid-epoch, while writing, ...): the files
     left are whole, and running the command again finishes with the uninterrupted run's weights (also along a
     warm-up and cosine learning-rate schedule, with Muon, and with importance-sampled timesteps, whose losses so
@@ -151,16 +153,14 @@ def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, sched
     torch.load(state.with_name("ckpt.pt"), weights_only=True)
     assert 1 <= interrupted["step"] < 9
     run(script, *args, cwd=tmp_path)
-    reference = uninterrupted[script]
-    if schedule:
-        reference = tmp_path / "whole"
-        reference.mkdir()
-        run(script, "--epochs", "3", *schedule, cwd=reference)
+    reference = tmp_path / "whole"  # (with SAVE_EVERY 1 the loss is also read at every step, before each save)
+    reference.mkdir()
+    run(script, *args, cwd=reference)
     if schedule == COSINE:
         last = 2e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5))  # the 9th step: 4 of the 5 steps after warm-up done
         assert final_state(reference, script)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(last)
     if "importance" in schedule:  # every step's 16 losses, in the bins of their t
-        assert final_state(reference, script)["timestep_losses"][1].sum() == 9 * 16
+        assert final_state(reference, script)["importance"]["loss_count"].sum() == 9 * 16
     assert_same_training(final_state(tmp_path, script), final_state(reference, script))
 
 
@@ -169,8 +169,8 @@ def test_resuming_with_other_machine_settings_continues_the_same_run(tmp_path, u
     grid's sampler and its steps) may change on resume: the run ends with the uninterrupted run's weights, bit for
     bit."""
     run("ddpm_conditional.py", "--epochs", "2", cwd=tmp_path)
-    second = run("ddpm_conditional.py", "--epochs", "3", "--device", "cpu", "--log_every", "2", "--sample_steps", "3",
-                 "--sampler", "dpm++", cwd=tmp_path)
+    second = run("ddpm_conditional.py", "--epochs", "3", "--device", "cpu:0", "--sample_steps", "3", "--sampler",
+                 "dpm++", cwd=tmp_path)
     assert "resuming" in second.stdout and "new stream" not in second.stdout
     resumed, reference = final_state(tmp_path, "ddpm_conditional.py"), final_state(uninterrupted["ddpm_conditional.py"],
                                                                                    "ddpm_conditional.py")
@@ -184,29 +184,37 @@ def test_sampler_option_is_checked_first_and_old_runs_read_as_ddim(tmp_path):
     """--sampler is refused with one line before anything starts; a config.json written before SAMPLER existed
     reads as the DDIM grid those runs had."""
     import ddpm_conditional
-    from training import check_config, parse_config, read_config
+    from ddpm import read_config
+    from options import check_config
     config = parse_config(vars(ddpm_conditional), ["--sampler", "plms"])
-    with pytest.raises(UserError, match=r"^sampler 'plms': expected 'ddim' or 'dpm\+\+'$"):
-        check_config(config, conditional=True)
+    with pytest.raises(UserError, match=r"^sampler='plms': expected 'ancestral', 'ddim' or 'dpm\+\+'$"):
+        check_config(config)
     (tmp_path / "config.json").write_text(json.dumps({"sample_steps": 50}))
     old = read_config(tmp_path)
     assert (old.sampler, old.attributes, old.multi_label) == ("ddim", None, False)  # before ATTRIBUTES: one label
 
 
-def test_bottleneck_embedding_option_builds_the_layer_and_old_runs_read_without_it(tmp_path):
-    """--bottleneck_embedding True gives the model its bottleneck embedding layer (FiLM: a scale and a shift for the
-    8 x WIDTH channels); a config.json written before the option existed reads as the tutorial's bottleneck, without
-    it, so its checkpoint loads."""
-    import ddpm_conditional
-    from training import make_model, parse_config, read_config
-    config = parse_config(vars(ddpm_conditional), ["--bottleneck_embedding", "True", "--width", "8"])
-    config.num_classes, config.channels = 6, 3
-    assert make_model(config).bot_emb_layer[1].weight.shape == (2 * 8 * 8, 256)
-    (tmp_path / "config.json").write_text(json.dumps({"sample_steps": 50}))
-    old = read_config(tmp_path)
-    assert old.bottleneck_embedding is False
-    config.bottleneck_embedding = old.bottleneck_embedding
-    assert make_model(config).bot_emb_layer is None
+def test_runs_of_earlier_versions_load_with_the_settings_they_had(tmp_path):
+    """A config.json of a run made with BOTTLENECK_EMBEDDING True (an option then) builds the model with its
+    bottleneck embedding layer (FiLM: a scale and a shift for the 8 x WIDTH channels), so its checkpoint loads;
+    one written before the option existed reads as the tutorial's bottleneck, without it, with T = 1000 steps."""
+    from ddpm import load_run, make_model, read_config
+    old = {"dataset": "shapes", "img_size": 16, "channels": 3, "num_classes": 6, "width": 8, "attention": [8],
+           "norm_groups": 4, "film": True, "schedule": "cosine", "prediction": "v", "loss_weighting": "min_snr",
+           "timesteps": "importance", "noise_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+           "min_snr_gamma": 5.0, "res_blocks": 1, "channels_last": False, "log_every": 25, "num_workers": 4}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**old, "bottleneck_embedding": True}))
+    model = make_model(read_config(tmp_path / "run"))
+    assert model.bot_emb_layer[1].weight.shape == (2 * 8 * 8, 256)
+    torch.save(model.state_dict(), tmp_path / "run" / "ema_ckpt.pt")
+    diffusion, loaded = load_run(tmp_path / "run", "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert diffusion.timesteps == "logit_normal" and diffusion.prediction == "v"  # importance: its objective
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "config.json").write_text(json.dumps({"sample_steps": 50}))
+    older = read_config(tmp_path / "older")
+    assert older.bottleneck_embedding is False and older.noise_steps == 1000 and older.sampler == "ddim"
 
 
 def test_a_run_saved_on_another_device_resumes_with_a_new_random_stream(tmp_path):
@@ -273,22 +281,23 @@ def test_gradient_accumulation_equals_one_batch_of_all_micro_batches(conditional
     labels = (torch.arange(12) % 3,) if conditional else ()
     results, proposals = [], []
     for k in (1, 3, 12):
-        diffusion = Diffusion(img_size=8, channels=1, device="cpu", prediction="v", loss_weighting="min_snr",
-                              timesteps=timesteps)
+        diffusion = Diffusion(img_size=8, channels=1, device="cpu", prediction="v", loss_weighting="min_snr")
+        importance = None
         if timesteps == "importance":
-            diffusion.loss_count.fill_(8)
-            diffusion.loss_square = torch.linspace(0.1, 4, 20)  # larger at more noise
-            before = diffusion.proposal()
+            importance = ImportanceSampler(1000, "cpu")
+            importance.loss_count.fill_(8)
+            importance.loss_square = torch.linspace(0.1, 4, 20)  # larger at more noise
+            before = importance.proposal()
         torch.manual_seed(0)
         model = UNet_conditional(1, 1, 32, 3, width=8, attention=(4,)) if conditional else UNet(1, 1, 32, width=8)
         config = argparse.Namespace(flip=True, channels_last=False, cfg_drop=0.5, ema_start=0, grad_accum=k)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: compare the gradients
         loss = step(model, copy.deepcopy(model), EMA(0.9), optimizer, diffusion, images, *labels,
-                    torch.Generator().manual_seed(0), config, None)
+                    torch.Generator().manual_seed(0), config, None, importance=importance)
         results.append((loss, [p.grad for p in model.parameters()]))
         if timesteps == "importance":
-            proposals.append(diffusion.proposal())
-            assert diffusion.loss_count.sum() == 20 * 8 + 12 and diffusion.importance_weight(
+            proposals.append(importance.proposal())
+            assert importance.loss_count.sum() == 20 * 8 + 12 and importance.weight(
                 torch.tensor([100, 900])).tolist() != [1, 1]
     (loss, grads), others = results[0], results[1:]
     for other_loss, other_grads in others:
@@ -338,7 +347,7 @@ def test_float16_gradients_that_overflow_skip_the_step():
 
 def test_learning_rate_schedules_at_chosen_steps():
     """Linear warm-up over LR_WARMUP steps to LR, then constant, or cosine / linear decay to 0 at the last step."""
-    from training import learning_rate
+    from utils import learning_rate
     c = argparse.Namespace(lr=1e-3, lr_warmup=10, lr_schedule="cosine", epochs=2)  # 2 x 55 = 110 steps
     values = {step: learning_rate(c, step, 55) for step in (0, 4, 9, 10, 35, 60, 85, 109)}
     assert values[0] == pytest.approx(1e-4) and values[4] == pytest.approx(5e-4) and values[9] == pytest.approx(1e-3)
@@ -355,7 +364,7 @@ def test_learning_rate_schedules_at_chosen_steps():
 def test_orthogonalise_keeps_the_singular_vectors_and_evens_the_singular_values(rows, cols):
     """Newton-Schulz turns g = U S V^T into U S' V^T, S' near 1 (Jordan et al.: about 0.7 to 1.2) for singular values
     down to a hundredth of the largest; the scale of g does not matter."""
-    from training import orthogonalise
+    from modules import orthogonalise
     generator = torch.Generator().manual_seed(0)
     k = min(rows, cols)
     u = torch.linalg.qr(torch.randn(rows, k, generator=generator, dtype=torch.float64))[0]
@@ -372,7 +381,7 @@ def test_orthogonalise_keeps_the_singular_vectors_and_evens_the_singular_values(
 def test_orthogonalise_is_the_newton_schulz_iteration_on_the_matrix_itself():
     """The Gram-matrix form gives what the five quintic steps x <- 3.4445 x + (-4.7750 a + 2.0315 a^2) x, a = x x^T
     (Jordan et al.'s, on x itself) give, for wide and tall matrices."""
-    from training import orthogonalise
+    from modules import orthogonalise
     generator = torch.Generator().manual_seed(0)
     for shape in [(32, 288), (288, 32), (64, 64)]:
         g = torch.randn(shape, generator=generator, dtype=torch.float64)
@@ -386,7 +395,7 @@ def test_orthogonalise_is_the_newton_schulz_iteration_on_the_matrix_itself():
 
 
 def test_muon_gives_the_other_parameters_exactly_adamws_steps():
-    from training import Muon
+    from modules import Muon
     generator = torch.Generator().manual_seed(0)
     ours = [torch.randn(5, 3, generator=generator), torch.randn(7, generator=generator)]
     torchs = [p.clone() for p in ours]
@@ -404,7 +413,7 @@ def test_muon_gives_the_other_parameters_exactly_adamws_steps():
 def test_muon_step_of_a_convolution_weight():
     """The first step (momentum from zero) of a weight: decay, then the gradient seen as out x in*k*k,
     orthogonalised, scaled to the RMS 0.2 x LR of an AdamW step."""
-    from training import Muon, orthogonalise
+    from modules import Muon, orthogonalise
     weight = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(0))
     before = weight.clone()
     weight.grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
@@ -417,7 +426,7 @@ def test_muon_step_of_a_convolution_weight():
 
 
 def test_muon_takes_the_hidden_weight_matrices_and_adamw_the_rest():
-    from training import make_optimizer
+    from modules import make_optimizer
     model = UNet_conditional(3, 3, num_classes=6, width=8, attention=(8,), norm_groups=4, film=True)
     optimizer = make_optimizer(model, 1e-3, torch.device("cpu"), "muon")
     muon, adamw = ({id(p) for p in group["params"]} for group in optimizer.param_groups)
@@ -443,7 +452,7 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--img_size", "30"], "error: img_size=30: height and width must be positive and divisible by 8"),
-    (["--res_blocks", "-1"], "error: res_blocks=-1: must be 0 or more"),
+    (["--eopchs", "3"], "error: unrecognized arguments: --eopchs 3 (did you mean --epochs?)"),
     (["--optimizer", "sgd"], "error: optimizer='sgd': expected 'adamw' or 'muon'"),
     (["--dataset", "no/such/folder"], "error: dataset folder 'no/such/folder' does not exist"),
     (["--num_classes", "4"], "error: labels outside num_classes: 'shapes' has 6 classes, but num_classes=4"),
@@ -460,11 +469,10 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args, message):
     """In this process, as `python ddpm_conditional.py ...` runs it (the next test runs one case as a command)."""
     import ddpm_conditional
-    from training import run_script
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", command("ddpm_conditional.py", *args)[1:])
-    with pytest.raises(SystemExit) as stop:  # sys.exit(text): the text on stderr, exit status 1
-        run_script(vars(ddpm_conditional), ddpm_conditional.train_step, ddpm_conditional.sample_grid, True)
+    with pytest.raises(SystemExit) as stop, clear_errors():  # sys.exit(text): the text on stderr, exit status 1
+        ddpm_conditional.train(parse_config(vars(ddpm_conditional)))
     assert str(stop.value).startswith(message) and "\n" not in str(stop.value)
 
 
@@ -487,7 +495,7 @@ def test_resuming_with_other_settings_names_them(tmp_path, args, difference):
 
 
 def test_importing_the_scripts_starts_nothing(tmp_path):
-    code = "import ddpm, ddpm_conditional, modules, utils"
+    code = "import data, ddpm, ddpm_conditional, evaluate, benchmark, modules, utils"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == "" and list(tmp_path.iterdir()) == []
@@ -534,19 +542,37 @@ def test_readme_notebook_cells_sample_from_a_trained_checkpoint(tmp_path, monkey
     assert namespace["x"].shape == namespace["circles"].shape == (n, 3, 16, 16)
 
 
-def test_the_readme_command_for_the_tutorials_setting_gives_the_tutorials_setting():
-    """The demo's defaults depart from the tutorial; the README's CIFAR-10 command must undo every departure."""
-    import ddpm_conditional
-    from training import parse_config
-    readme = (REPO / "README.md").read_text()
-    match = re.search(r"python ddpm_conditional.py --run_name cifar64 (.*?)\n\n", readme, re.S)
-    assert match, "README.md has no command for the tutorial's setting"
-    config = parse_config(vars(ddpm_conditional), match.group(1).replace("\\\n", " ").split())
-    tutorial = dict(dataset="cifar10", img_size=64, width=64, attention=(1, 2, 4, 8), norm_groups=1, film=False,
-                    noise_steps=1000, beta_start=1e-4, beta_end=0.02, schedule="linear", prediction="eps",
-                    loss_weighting="none", timesteps="uniform", lr=3e-4, lr_warmup=0, lr_schedule="constant",
-                    ema_beta=0.995, ema_start=2000, grad_accum=1, optimizer="adamw")
-    assert {k: getattr(config, k) for k in tutorial} == tutorial
+TUTORIAL = dict(dataset="cifar10", img_size=64, num_classes=None, width=64, attention=(1, 2, 4, 8), epochs=300,
+                batch_size=14, lr=3e-4, cfg_drop=0.1, cfg_scale=3.0, ema_beta=0.995, ema_start=2000, norm_groups=1,
+                film=False, schedule="linear", prediction="eps", loss_weighting="none", timesteps="uniform",
+                lr_warmup=0, lr_schedule="constant", optimizer="adamw", sampler="ancestral", sample_steps=1000,
+                grad_accum=1)  # the tutorial's conditional script (num_classes None: CIFAR-10's 10)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_tutorial_preset_gives_the_tutorials_setting_and_its_checkpoints_keys(script, tmp_path, monkeypatch):
+    """The demo's defaults depart from the tutorial; config/tutorial.py undoes every departure, its grid sampler
+    included, and builds a model whose state-dict keys and shapes are those of the tutorial's checkpoints. Options
+    given after a preset override it; a preset that sets an unknown constant is refused, naming it."""
+    from ddpm import make_diffusion, make_model
+    module = importlib.import_module(script.removesuffix(".py"))
+    conditional = script == "ddpm_conditional.py"
+    ignore = ("NUM_CLASSES", "ATTRIBUTES", "CFG_DROP", "CFG_SCALE")  # as ddpm.py does: the conditional script's
+    config = parse_config(vars(module), [str(REPO / "config" / "tutorial.py")], ignore)
+    expected = {k: v for k, v in TUTORIAL.items() if conditional or k not in ("num_classes", "cfg_drop", "cfg_scale")}
+    assert {k: getattr(config, k) for k in expected} == expected
+    diffusion = make_diffusion(argparse.Namespace(**vars(config), channels=3), "cpu")
+    assert (diffusion.noise_steps, diffusion.beta_start, diffusion.beta_end) == (1000, 1e-4, 0.02)
+    config.channels, config.num_classes = 3, 10 if conditional else None  # as CIFAR-10 completes it
+    reference = (REPO / "tests" / "reference" / f"tutorial_{'cond' if conditional else 'uncond'}64_keys.txt")
+    keys = [line.split("\t") for line in reference.read_text().splitlines() if line.strip()]
+    model = make_model(config)
+    assert [(k, str(tuple(v.shape))) for k, v in model.state_dict().items()] == [(k, s) for k, s in keys]
+    assert parse_config(vars(module), [str(REPO / "config" / "tutorial.py"), "--epochs", "2"], ignore).epochs == 2
+    (tmp_path / "typo.py").write_text("EPOCS = 3\n")
+    with pytest.raises(UserError, match=r"typo.py sets EPOCS, which is not a constant of this script \(did you mean "
+                                        r"EPOCHS\?\)"):
+        parse_config(vars(module), [str(tmp_path / "typo.py")])
 
 
 def test_grid_labels_a_row_per_attribute_then_the_first_two_and_three_together():
@@ -566,8 +592,7 @@ def test_an_attribute_table_run_and_the_readme_attributes_cell(tmp_path, monkeyp
     attributes cell samples smiling + eyeglasses from it."""
     import matplotlib
     import ddpm_conditional
-    from training import parse_config, train
-    from utils import draw_multishapes
+    from data import draw_multishapes
     matplotlib.use("Agg")
     shapes = draw_multishapes(20, (16, 16))
     (tmp_path / "img_align_celeba").mkdir()
@@ -579,8 +604,8 @@ def test_an_attribute_table_run_and_the_readme_attributes_cell(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     config = parse_config(vars(ddpm_conditional), TINY + ["--dataset", "list_attr_celeba.txt", "--run_name", "celeba",
                                                           "--attributes", "Smiling,Eyeglasses", "--epochs", "1",
-                                                          "--num_workers", "0", "--batch_size", "6"])
-    train(config, ddpm_conditional.train_step, ddpm_conditional.sample_grid, conditional=True)
+                                                          "--batch_size", "6"])
+    ddpm_conditional.train(config)
     saved = json.loads(Path("models/celeba/config.json").read_text())
     assert (saved["multi_label"], saved["num_classes"], saved["classes"]) == (True, 2, ["Smiling", "Eyeglasses"])
     assert Image.open("results/celeba/1.jpg").size == (2 + 8 * 18, 2 + 3 * 18)  # Smiling, Eyeglasses, both

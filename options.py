@@ -1,0 +1,189 @@
+"""A script's UPPERCASE constants as command-line options: preset files first (nanoGPT's configurator: `python
+ddpm_conditional.py config/tutorial.py`), then `--name VALUE`; --help shows each constant's comment from the script,
+grouped as the script groups them; check_config says what is wrong with a setting before anything starts."""
+import argparse
+import ast
+import json
+import contextlib
+import difflib
+import re
+import sys
+import typing
+from pathlib import Path
+
+from data import UserError, attribute_names, image_size
+from utils import amp_dtype
+
+
+def parse_config(constants, argv=None, ignore=()):
+    """A script's UPPERCASE constants as a namespace of lower-case names, overridden first by preset files (nanoGPT's
+    configurator: `python ddpm_conditional.py config/tutorial.py` runs the file and takes the constants it sets),
+    then by `--name VALUE` options. VALUE is a Python literal (64, 3e-4, True, None, "1,2,4,8") or else a string, of
+    the constant's type (its annotation's, when it has one); a bare `--flag` is True. `ignore`: constant names a
+    preset may set that this script has not (the conditional script's, in ddpm.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    defaults = {name: value for name, value in constants.items()
+                if name.isupper() and isinstance(value, (bool, int, float, str, tuple, type(None)))}
+    annotations = constants.get("__annotations__", {})
+    for preset in [arg for arg in argv if not arg.startswith("-") and arg.endswith(".py")]:
+        argv.remove(preset)
+        for name, value in read_preset(preset, defaults, ignore).items():
+            defaults[name] = parse_value(name.lower(), repr(value), defaults[name], annotations.get(name), preset)
+    args = vars(options_parser(constants, defaults).parse_args(argv))
+    config = argparse.Namespace(**{name.lower(): default if args[name.lower()] is None else
+                                   parse_value(name.lower(), args[name.lower()], default, annotations.get(name))
+                                   for name, default in defaults.items()})
+    if isinstance(getattr(config, "attention", None), int):
+        config.attention = (config.attention,)  # ATTENTION = 8 edited in the file, as --attention 8
+    return config
+
+
+def read_preset(path, defaults, ignore=()):
+    """The UPPERCASE constants that a preset file sets; a name the script has not is an error naming it."""
+    if not Path(path).is_file():
+        raise UserError(f"preset file '{path}' does not exist (the presets are in config/)")
+    values = {}
+    exec(compile(Path(path).read_text(), path, "exec"), {}, values)
+    values = {name: value for name, value in values.items() if name.isupper() and (name in defaults or
+                                                                                    name not in ignore)}
+    for name in values:
+        if name not in defaults:
+            close = difflib.get_close_matches(name, defaults, 1)
+            raise UserError(f"{path} sets {name}, which is not a constant of this script"
+                            f"{f' (did you mean {close[0]}?)' if close else ''}")
+    return values
+
+
+def options_parser(constants, defaults):
+    """An --option for each constant, its help the constant's comment in the script, grouped as the script groups
+    them (its `# --- group ---` lines)."""
+    parser = ErrorParser(description=constants.get("__doc__"), formatter_class=argparse.RawDescriptionHelpFormatter,
+                         usage="%(prog)s [config/PRESET.py ...] [--option VALUE ...]")
+    comments, groups, group = constant_comments(constants.get("__file__")), {}, parser
+    for name, default in defaults.items():
+        title = comments.get(name, (None, ""))[0]
+        if title:
+            group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
+        help = f"{comments.get(name, ('', ''))[1]} (default: {default!r})".strip().replace("%", "%%")
+        if type(default) is bool:
+            group.add_argument("--" + name.lower(), nargs="?", const="True", metavar="BOOL", help=help)
+        else:
+            group.add_argument("--" + name.lower(), metavar="VALUE", help=help)
+    return parser
+
+
+def constant_comments(path):
+    """{NAME: (the title of its group, its comment)} from a script's source: the comment after `NAME = value`
+    and the comment lines below it."""
+    comments, title, name = {}, None, None
+    for line in (Path(path).read_text().splitlines() if path else []):
+        if match := re.match(r"# --- (.*) ---", line):
+            title, name = match.group(1), None
+        elif match := re.match(r"([A-Z_]+)\b[^#]*(?:#\s*(.*))?$", line):
+            name = match.group(1)
+            comments[name] = (title, match.group(2) or "")
+            title = None
+        elif (match := re.match(r"\s+#\s*(.*)", line)) and name:
+            comments[name] = (comments[name][0], f"{comments[name][1]} {match.group(1)}")
+        else:
+            name = None
+    return comments
+
+
+class ErrorParser(argparse.ArgumentParser):
+    """argparse that raises a UserError (one line, no usage text) and suggests the option meant."""
+
+    def error(self, message):
+        for unknown in re.findall(r"(--?[\w-]+)", message.partition("unrecognized arguments:")[2]):
+            close = difflib.get_close_matches(unknown, [o for a in self._actions for o in a.option_strings], 1)
+            message += f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"{message} (--help lists the options)")
+
+
+def parse_value(name, text, default, annotation=None, where=None):
+    """One option's value from its text, checked against its annotation's types, or else its default's type."""
+    types = [t for t in typing.get_args(annotation) or (annotation,) if t is not type(None)] if annotation else \
+        [type(default)]
+    try:
+        value = ast.literal_eval(text.capitalize() if text.lower() in ("true", "false", "none") else text)
+    except (ValueError, SyntaxError):
+        value = text
+    if type(value) in types or (value is None and default is None) or types == [type(None)]:
+        return value  # (a None default without an annotation takes any value)
+    if float in types and type(value) is int:
+        return float(value)  # --cfg_scale 7
+    if tuple in types and type(value) is int:
+        return (value,)  # --attention 8
+    if tuple in types and value == "":
+        return ()  # --attention= (none)
+    if name == "img_size" and isinstance(value, tuple):
+        return value  # (height, width)
+    if str in types:
+        return text
+    names = " or ".join(t.__name__ for t in types)
+    raise UserError(f"{f'{where}: ' if where else '--'}{name if where is None else name.upper()} {text}: expected a "
+                    f"value of type {names} (the default is {default!r})")
+
+
+def check_config(c):
+    """A clear message for each impossible setting, before anything starts."""
+    size = image_size(c.img_size)
+    if len(size) != 2 or not all(type(s) is int and s > 0 and s % 8 == 0 for s in size):
+        raise UserError(f"img_size={c.img_size}: height and width must be positive and divisible by 8 "
+                        f"(the UNet halves them 3 times), e.g. 32, 64 or (64, 128)")
+    if c.width < 4 or c.width % 4:
+        raise UserError(f"width={c.width}: must be a positive multiple of 4")
+    if c.norm_groups < 1 or c.width % c.norm_groups:
+        raise UserError(f"norm_groups={c.norm_groups}: must divide width={c.width}")
+    if not set(c.attention) <= {1, 2, 4, 8}:
+        raise UserError(f"attention={c.attention}: factors must be among 1, 2, 4, 8")
+    for name in ("epochs", "batch_size", "grad_accum", "sample_steps"):
+        if getattr(c, name) < 1:
+            raise UserError(f"{name}={getattr(c, name)}: must be at least 1")
+    if not 0 <= getattr(c, "cfg_drop", 0) < 1:
+        raise UserError(f"cfg_drop={c.cfg_drop}: must be in [0, 1)")
+    if c.lr_schedule not in ("constant", "cosine", "linear") or c.lr_warmup < 0:
+        raise UserError(f"lr_schedule={c.lr_schedule!r}, lr_warmup={c.lr_warmup}: expected 'constant', 'cosine' or "
+                        f"'linear', and a warm-up of 0 or more steps")
+    if c.optimizer not in ("adamw", "muon"):
+        raise UserError(f"optimizer={c.optimizer!r}: expected 'adamw' or 'muon'")
+    if c.timesteps not in ("uniform", "logit_normal", "importance"):
+        raise UserError(f"timesteps={c.timesteps!r}: expected 'uniform', 'logit_normal' or 'importance'")
+    if c.sampler not in ("ancestral", "ddim", "dpm++"):
+        raise UserError(f"sampler={c.sampler!r}: expected 'ancestral', 'ddim' or 'dpm++'")
+    if getattr(c, "attributes", None) is not None:
+        attribute_names(c.attributes)  # a clear message for a malformed --attributes
+    amp_dtype("cpu", c.amp)  # and for a bad --amp
+
+
+@contextlib.contextmanager
+def clear_errors():
+    """A UserError stops the script with its one line (no traceback); Ctrl-C with a word on resuming."""
+    try:
+        yield
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("stopped: the last checkpoint is kept; run the same command to resume")
+
+
+# Settings that config.json files of earlier versions lack or that are no longer options, with those runs' values.
+EARLIER_DEFAULTS = {"num_classes": None, "flip": True, "cfg_drop": 0.0, "lr_warmup": 0, "lr_schedule": "constant",
+                    "norm_groups": 1, "film": False, "timesteps": "uniform", "grad_accum": 1, "sampler": "ddim",
+                    "attributes": None, "multi_label": False, "res_blocks": 1, "optimizer": "adamw",
+                    "bottleneck_embedding": False, "noise_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+                    "min_snr_gamma": 5.0}
+
+
+def read_config(run):
+    """The settings of a run (models/<run_name>, or a checkpoint file in it) from its config.json."""
+    folder = Path(run) if Path(run).is_dir() or not Path(run).suffix else Path(run).parent
+    if not folder.is_dir():
+        runs = sorted(p.parent.name for p in folder.parent.glob("*/config.json"))
+        raise UserError(f"no run folder '{folder}'" + (f": the runs in {folder.parent} are {', '.join(runs)}"
+                                                       if runs else f" (and no runs in '{folder.parent}')"))
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"no {path}: the training scripts write config.json beside their checkpoints; a checkpoint "
+                        f"from elsewhere loads by hand (UNet_conditional(...).load_state_dict)")
+    return argparse.Namespace(**{**EARLIER_DEFAULTS, **json.loads(path.read_text())})
