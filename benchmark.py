@@ -12,8 +12,8 @@ Measured in one process, warm-up excluded, device-synchronised, the median of se
     passes per step in fp32. A sampler step costs the same whatever the number of steps, so each figure comes from
     timing a few steps: the whole benchmark takes a minute or two even on a slow CPU;
   - peak memory of training and sampling (the GPU's allocator; on a CPU the process's peak resident size).
-In fp32 on CUDA, matrix products and convolutions alike use TF32 (convolutions do by default in PyTorch), so the
-utilisation compares like with like.
+In fp32 on CUDA, matrix products and convolutions alike use TF32 (convolutions do by default in PyTorch; the
+training scripts turn it on for matrix products too), so the utilisation compares like with like.
 """
 import argparse
 import copy

@@ -5,7 +5,7 @@ files: FER-2013's CSV, an attribute table (CelebA's), or a folder of class subfo
 import csv
 import os
 import socket
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,32 +52,37 @@ class ImageFiles(torch.utils.data.Dataset):
     """Image files and their labels (int64 class indices (N,), or multi-hot float vectors (N, classes)), decoded and
     resized a batch at a time.
 
-    Channels: 1 if the first image is grayscale, else 3, unless given. An unreadable image is skipped with a warning
-    that names it.
+    Channels: 1 if the first readable image is grayscale, else 3, unless given. An unreadable image is named in a
+    one-line warning (once) and replaced by the next readable one, with its label: a batch keeps its size (under
+    torchrun every process's must).
     """
 
     def __init__(self, paths, labels, classes, img_size, channels=None):
         self.paths, self.labels, self.classes, self.img_size = list(paths), labels, list(classes), img_size
-        if channels is None:
-            with Image.open(self.paths[0]) as first:
-                channels = 1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-        self.channels = channels
+        self.unreadable = set()
+        self.channels = channels or (1 if self.read(0)[1].mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, indices):
-        images, kept = [], []
-        for i in torch.as_tensor(indices).reshape(-1).tolist():
+    def read(self, i):
+        """(j, the decoded image of file j): the first file from i on (going round) that can be read."""
+        for j in (k % len(self.paths) for k in range(i, i + len(self.paths))):
             try:
-                with Image.open(self.paths[i]) as image:
-                    image = image.convert("L" if self.channels == 1 else "RGB")
+                with Image.open(self.paths[j]) as image:
+                    image.load()
+                    return j, image
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                warnings.warn(f"skipping unreadable image '{self.paths[i]}' ({e})")
-                continue
-            images.append(resize_and_crop(TF.pil_to_tensor(image), self.img_size))
-            kept.append(i)
-        return torch.stack(images), self.labels[kept]
+                if j not in self.unreadable:
+                    self.unreadable.add(j)
+                    print(f"warning: skipping unreadable image '{self.paths[j]}' ({e})", file=sys.stderr)
+        raise UserError(f"none of the {len(self.paths)} images (e.g. '{self.paths[0]}') can be read")
+
+    def __getitem__(self, indices):
+        kept, images = zip(*(self.read(i) for i in torch.as_tensor(indices).reshape(-1).tolist()))
+        images = [resize_and_crop(TF.pil_to_tensor(image.convert("L" if self.channels == 1 else "RGB")),
+                                  self.img_size) for image in images]
+        return torch.stack(images), self.labels[list(kept)]
 
 
 def load_image_folder(root, size, channels=None):

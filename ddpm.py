@@ -13,6 +13,7 @@ loss curve to results/<RUN_NAME>/; running the same command again resumes.
 import argparse
 import copy
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ from data import UserError, complete_config, image_size, load_dataset
 from importance import ImportanceSampler
 from modules import EMA, UNet, UNet_conditional, make_optimizer
 from options import check_config, clear_errors, parse_config, read_config
-from utils import (all_gather, amp_dtype, autocast, distributed, learning_rate,
+from utils import (all_gather, check_attention_memory, grad_scaler, local_rank_zero_first, make_logger,
+                   save_and_stop_on_ctrl_c, amp_dtype, autocast, distributed, learning_rate,
                    load_weights, mean_loss, pick_device, plot_images, read_train_state, resume,
                    save_images, save_loss_plot, save_progress_gif, save_train_state, setup_logging, get_data)
 
@@ -64,6 +66,8 @@ SEED = 0
 DEVICE = "auto"           # "auto": CUDA, else Apple MPS, else CPU; or "cpu", "cuda", "cuda:1", "mps"
 AMP: bool | str = True    # mixed precision: bf16 where native, fp16 on older CUDA GPUs, else fp32; or "bf16", "fp16"
 COMPILE = False           # torch.compile the model
+LOGGER: str | None = None  # the loss beside loss.png: "tensorboard" (runs/<RUN_NAME>/, as the tutorial) or "wandb"
+                           # (offline: WANDB_MODE=offline); each needs its package
 
 
 class Diffusion:
@@ -149,7 +153,7 @@ class Diffusion:
                 start=None, frames_every=None):
         """The reverse process from x = x_t at timestep index `start` (None: T - 1, pure noise) down to x_0 (floats,
         about [-1, 1]), as sample describes it."""
-        labels = check_labels(model, labels, len(x), self.device)
+        labels, model = check_labels(model, labels, len(x), self.device), model.to(self.device)  # (one device)
         start = self.noise_steps - 1 if start is None else start
         sampler = sampler or ("ancestral" if steps is None else "ddim")
         timesteps = self.sampler_timesteps(steps, sampler, start)
@@ -213,7 +217,8 @@ class Diffusion:
         """The mean of q(x_t' | x_t, x_0) (eq. 7) for a step from x = x_t down to t' < t, with the beta of the jump,
         1 - alpha_hat_t / alpha_hat_t' (beta_t when t' = t - 1)."""
         beta = 1 - alpha_hat / alpha_hat_next
-        return (math.sqrt(alpha_hat_next) * beta * x0 + math.sqrt(1 - beta) * (1 - alpha_hat_next) * x) / (1 - alpha_hat)
+        return (math.sqrt(alpha_hat_next) * beta * x0
+                + math.sqrt(1 - beta) * (1 - alpha_hat_next) * x) / (1 - alpha_hat)
 
     def logsnr(self, step):
         """lambda_t = log(alpha_t / sigma_t), half the log-SNR."""
@@ -270,13 +275,13 @@ class Diffusion:
         steps lose 10% of the std (1000: 3%); on correlated pixels resample=1 recovers about 57% of the shift that
         the known pixels imply, resample=10 about 92%."""
         known = self.from_images(images)
-        mask = torch.as_tensor(mask, device=self.device).float()
+        mask = torch.as_tensor(mask).float().to(self.device)  # (a float64 numpy mask: MPS has no float64)
         if mask.ndim != 4 or any(m not in (1, k) for m, k in zip(mask.shape, known.shape)):
             raise UserError(f"mask of shape {tuple(mask.shape)}: expected one that broadcasts to the images' "
                             f"{tuple(known.shape)}, e.g. (1, 1, H, W)")
         if resample < 1:
             raise UserError(f"resample={resample}: expected 1 or more")
-        labels = check_labels(model, labels, len(known), self.device)
+        labels, model = check_labels(model, labels, len(known), self.device), model.to(self.device)
         timesteps = self.sampler_timesteps(steps, "ddim", self.noise_steps - 1)
         randn = lambda: torch.randn(known.shape, device=self.device, generator=generator)
         was_training = model.training
@@ -384,7 +389,8 @@ def train(config):
     check_config(c)
     with distributed(c.device) as (device, rank, world_size):  # torchrun: one process per GPU
         log = print if rank == 0 else lambda *args: None
-        dataset = load_dataset(c.dataset, c.img_size, None, "train", c.data_dir, c.num_images, c.seed)
+        with local_rank_zero_first():  # torchrun: one process downloads, then the others read
+            dataset = load_dataset(c.dataset, c.img_size, None, "train", c.data_dir, c.num_images, c.seed)
         complete_config(c, dataset, conditional=False)
         c.world_size = world_size  # the global batch is world_size * batch_size * grad_accum images
         models_dir, results_dir = setup_logging(c.run_name)
@@ -399,7 +405,9 @@ def train(config):
         diffusion = make_diffusion(c, device)
         importance = ImportanceSampler(diffusion.noise_steps, device) if c.timesteps == "importance" else None
         amp = amp_dtype(device, c.amp)
-        scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None  # fp16 needs a loss scale
+        scaler = grad_scaler(device, amp)  # float16 needs a loss scale
+        check_attention_memory(device, c)  # (Apple MPS)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on CUDA in TF32, as convolutions already are
         generator = torch.Generator(device).manual_seed(c.seed)  # every random draw of training comes from it
         run = dict(model=model, ema_model=ema_model, optimizer=optimizer, ema=ema, scaler=scaler,
                    generator=generator, importance=importance)
@@ -408,38 +416,46 @@ def train(config):
             log(f"{models_dir} has already trained {epoch} epochs (--epochs {c.epochs}): nothing to do")
             return model, ema_model
 
+        torchrun = torch.distributed.is_initialized()
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-            if world_size > 1 else model  # averages the gradients
+            if torchrun else model  # DDP averages the gradients
         train_model = torch.compile(train_model) if c.compile else train_model
         batch_size = c.batch_size * c.grad_accum  # images per optimizer step and process
         dataloader = get_data(dataset, batch_size, c.seed, device, rank, world_size)
         log(f"{len(dataset)} images, {len(dataloader)} steps per epoch, {sum(p.numel() for p in model.parameters()):,}"
-            f" parameters, on {device}{f' with {str(amp)[6:]} autocast' if amp else ''}"
-            f"{f', {world_size} processes, global batch {world_size * batch_size}' if world_size > 1 else ''}")
-        for epoch in range(epoch, c.epochs):
-            dataloader.sampler.set_epoch(epoch, start=batch)
-            pbar = tqdm(dataloader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, disable=rank != 0)
-            total, count = 0.0, 0  # the losses since the last readout, summed on the device
-            for images, _ in pbar:
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(c, step, len(dataloader))
-                total += train_step(train_model, ema_model, ema, optimizer, diffusion, images.to(device), generator,
-                                    c, amp, scaler, importance, rank, world_size)
-                step, batch, count = step + 1, batch + 1, count + 1
-                save_now = c.save_every and step % c.save_every == 0 and batch < len(dataloader)
-                if step % 25 == 0 or batch == len(dataloader) or save_now:  # a readout waits for the device
-                    losses.append((step, mean_loss(total, count, world_size, step, models_dir)))  # NaN: stop
-                    pbar.set_postfix(loss=f"{losses[-1][1]:.4f}")
-                    total, count = 0.0, 0
-                if save_now and rank == 0:
-                    save_train_state(models_dir, c, run, epoch, batch, step, losses)
-            pbar.close()
-            batch = 0
-            if rank == 0:
-                save_train_state(models_dir, c, run, epoch + 1, 0, step, losses)
-                save_images(sample_grid(diffusion, ema_model, c, amp, device), results_dir / f"{epoch + 1}.jpg")
-                save_progress_gif(results_dir, epoch + 1)
-                save_loss_plot(losses, results_dir / "loss.png")
+            f" parameters, on {device}{f' with {str(amp)[6:]} autocast' if amp else ''}" + (
+                f", torchrun: {world_size} processes ({torch.distributed.get_backend()}), global batch "
+                f"{world_size * batch_size}" if torchrun else ""))
+        log_loss = make_logger(c.logger, c.run_name, vars(c)) if rank == 0 else lambda step, loss: None
+        with save_and_stop_on_ctrl_c(enabled=not torchrun) as interrupted:
+            for epoch in range(epoch, c.epochs):
+                dataloader.sampler.set_epoch(epoch, start=batch)
+                pbar = tqdm(dataloader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, disable=rank != 0)
+                total, count = 0.0, 0  # the losses since the last readout, summed on the device
+                for images, _ in pbar:
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate(c, step, len(dataloader))
+                    total += train_step(train_model, ema_model, ema, optimizer, diffusion, images.to(device), generator,
+                                        c, amp, scaler, importance, rank, world_size)
+                    step, batch, count = step + 1, batch + 1, count + 1
+                    stop = interrupted()  # Ctrl-C: a checkpoint at this step boundary, then stop
+                    save_now = stop or c.save_every and step % c.save_every == 0 and batch < len(dataloader)
+                    if step % 25 == 0 or batch == len(dataloader) or save_now:  # a readout waits for the device
+                        losses.append((step, mean_loss(total, count, world_size, step, models_dir)))  # NaN: stop
+                        pbar.set_postfix(loss=f"{losses[-1][1]:.4f}")
+                        log_loss(*losses[-1])
+                        total, count = 0.0, 0
+                    if save_now and rank == 0:
+                        save_train_state(models_dir, c, run, epoch, batch, step, losses)
+                    if stop:
+                        sys.exit(f"stopped after step {step}, saved in {models_dir}: run the same command to resume")
+                pbar.close()
+                batch = 0
+                if rank == 0:
+                    save_train_state(models_dir, c, run, epoch + 1, 0, step, losses)
+                    save_images(sample_grid(diffusion, ema_model, c, amp, device), results_dir / f"{epoch + 1}.jpg")
+                    save_progress_gif(results_dir, epoch + 1)
+                    save_loss_plot(losses, results_dir / "loss.png")
         log(f"done: {models_dir}/ema_ckpt.pt, sample grids in {results_dir}/")
         return model, ema_model
 

@@ -72,12 +72,23 @@ class SelfAttention(nn.Module):
         if qkv.requires_grad and qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16:
             with torch.autocast("cpu", enabled=False):
                 attention = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        elif qkv.device.type == "mps" and not qkv.requires_grad:  # MPS holds the (hw x hw) scores of every head
+            attention = attention_in_chunks(q, k, v)
         else:
             attention = F.scaled_dot_product_attention(q, k, v)
         attention = attention.transpose(1, 2).flatten(2)  # (b, hw, c)
         x = self.mha.out_proj(attention) + x
         x = self.ff_self(x) + x
         return x.transpose(1, 2).unflatten(2, (h, w))
+
+
+def attention_in_chunks(q, k, v, max_bytes=2 ** 30):
+    """scaled_dot_product_attention over a few images at a time, so that their (positions x positions) scores fit in
+    max_bytes: Apple MPS's kernel holds them all (64x64 attention: 256 MiB an image), which for a batch of sample
+    grids would need tens of GiB."""
+    images = max(1, max_bytes // (4 * q.shape[1] * q.shape[2] * k.shape[2]))
+    return torch.cat([F.scaled_dot_product_attention(q[i:i + images], k[i:i + images], v[i:i + images])
+                      for i in range(0, len(q), images)])
 
 
 class DoubleConv(nn.Module):

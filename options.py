@@ -149,6 +149,8 @@ def check_config(c):
         raise UserError(f"optimizer={c.optimizer!r}: expected 'adamw' or 'muon'")
     if c.timesteps not in ("uniform", "logit_normal", "importance"):
         raise UserError(f"timesteps={c.timesteps!r}: expected 'uniform', 'logit_normal' or 'importance'")
+    if getattr(c, "logger", None) not in (None, "tensorboard", "wandb"):
+        raise UserError(f"logger={c.logger!r}: expected None, 'tensorboard' or 'wandb'")
     if c.sampler not in ("ancestral", "ddim", "dpm++"):
         raise UserError(f"sampler={c.sampler!r}: expected 'ancestral', 'ddim' or 'dpm++'")
     if getattr(c, "attributes", None) is not None:

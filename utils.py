@@ -5,6 +5,9 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +28,8 @@ def pick_device(name=None):
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
+        if nvidia_gpu_present():
+            warn_unusable_gpu()
         return torch.device("cpu")
     try:
         device = torch.device(name)
@@ -34,6 +39,50 @@ def pick_device(name=None):
     if not available.get(device.type, False):
         raise UserError(f"device '{name}' is not available on this machine: use --device auto or cpu")
     return device
+
+
+def nvidia_gpu_present():
+    """Whether this machine has an NVIDIA GPU with its driver loaded, whether or not this torch can use it."""
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
+def warn_unusable_gpu():
+    """Said loudly, once: an NVIDIA GPU that this torch cannot use (a CPU build, or a CUDA build newer than the
+    driver), so that nobody trains on the CPU by mistake."""
+    if getattr(warn_unusable_gpu, "said", False):
+        return
+    warn_unusable_gpu.said = True
+    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    print(f"WARNING: this machine has an NVIDIA GPU, but torch {torch.__version__} ({build}) cannot use it, so this "
+          f"runs on the CPU. `nvidia-smi` shows the newest CUDA the driver supports; install the torch built for it, "
+          f"e.g. `pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126` (cu118, cu121, "
+          f"cu124, cu126, cu128: see pytorch.org/get-started), or update the driver.", file=sys.stderr)
+
+
+def grad_scaler(device, amp):
+    """The loss scaler float16 autocast needs (None otherwise). Refused on Apple MPS: torch's GradScaler there
+    needs float64, which MPS lacks, in the torch versions requirements.txt allows."""
+    if amp != torch.float16:
+        return None
+    if device.type == "mps":
+        raise UserError("--amp fp16 on Apple MPS: torch's loss scaler cannot run there; use --amp False (fp32)")
+    return torch.amp.GradScaler(device.type)
+
+
+def check_attention_memory(device, c, budget_gib=8):
+    """On Apple MPS, attention's backward holds each head's (S x S) scores: refuse a setting whose full-resolution
+    attention would need more than budget_gib for one micro-batch, with what to change (on CUDA and CPUs the fused
+    kernels never hold them)."""
+    if device.type != "mps" or not c.attention:
+        return
+    height, width = (c.img_size, c.img_size) if isinstance(c.img_size, int) else c.img_size
+    positions = height * width // min(c.attention) ** 2
+    micro_batch = c.batch_size // c.grad_accum if c.batch_size % c.grad_accum == 0 else c.batch_size
+    need = 2 * micro_batch * 4 * positions ** 2 * 4 / 2 ** 30  # scores and their gradient, 4 heads, fp32
+    if need > budget_gib:
+        raise UserError(f"on Apple MPS, attention at 1/{min(c.attention)} resolution ({positions} positions) needs "
+                        f"about {need:.0f} GiB for a micro-batch of {micro_batch}: use --grad_accum (smaller "
+                        f"micro-batches), a smaller --batch_size, or --attention without {min(c.attention)}")
 
 
 def bf16_supported(device):
@@ -79,12 +128,14 @@ def autocast(device, amp_dtype):
 class EpochBatches(torch.utils.data.Sampler):
     """The index batches of one epoch, the same on every run: a permutation fixed by (seed, epoch), cut into global
     batches of batch_size * world_size, of which each process (rank) takes its own slice. The last incomplete
-    batch is dropped. set_epoch(epoch, start) picks the epoch and skips its first `start` batches (to resume)."""
+    batch is dropped. set_epoch(epoch, start) picks the epoch and skips its first `start` batches (to resume). The
+    indices are on `device`, where an in-memory dataset is indexed (a GPU's: no copy to it every step)."""
 
-    def __init__(self, num_items, batch_size, seed=0, rank=0, world_size=1):
+    def __init__(self, num_items, batch_size, seed=0, rank=0, world_size=1, device="cpu"):
         self.num_items, self.batch_size, self.seed, self.rank, self.world_size = (
             num_items, batch_size, seed, rank, world_size)
         self.epoch = self.start = 0
+        self.device = device
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -94,6 +145,7 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = order.to(self.device)  # one copy an epoch
         global_batch = order[:len(self) * self.batch_size * self.world_size].view(len(self), self.world_size, -1)
         yield from global_batch[self.start:, self.rank]
 
@@ -103,11 +155,12 @@ def get_data(dataset, batch_size, seed=0, device="cpu", rank=0, world_size=1, nu
     EpochBatches: call dataloader.sampler.set_epoch(epoch) before each epoch. Datasets held in memory move to the
     device and are indexed there; folders of files are decoded by worker processes (None: up to 4, as many as this
     machine has cores)."""
-    sampler = EpochBatches(len(dataset), batch_size, seed, rank, world_size)
+    in_memory = isinstance(dataset, ImageTensors)
+    sampler = EpochBatches(len(dataset), batch_size, seed, rank, world_size, device if in_memory else "cpu")
     if len(sampler) == 0:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of "
                         f"{batch_size * world_size}: lower --batch_size")
-    if isinstance(dataset, ImageTensors):
+    if in_memory:
         return torch.utils.data.DataLoader(dataset.to(device), sampler=sampler, batch_size=None)
     if num_workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -115,6 +168,25 @@ def get_data(dataset, batch_size, seed=0, device="cpu", rank=0, world_size=1, nu
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
                                        pin_memory=torch.device(device).type == "cuda",
                                        persistent_workers=num_workers > 0)
+
+
+def make_logger(kind, run_name, config):
+    """log(step, loss) beside loss.png: to TensorBoard (runs/<run_name>/, as the tutorial logs) or to Weights &
+    Biases (offline too: WANDB_MODE=offline); kind None: nowhere. Neither package is required otherwise."""
+    if kind is None:
+        return lambda step, loss: None
+    if kind not in ("tensorboard", "wandb"):
+        raise UserError(f"logger={kind!r}: expected None, 'tensorboard' or 'wandb'")
+    try:
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(Path("runs") / run_name)
+            return lambda step, loss: (writer.add_scalar("loss", loss, step), writer.flush())
+        import wandb
+    except ImportError:
+        raise UserError(f"logger='{kind}' needs the {kind} package: pip install {kind}") from None
+    wandb.init(project="ddpm", name=run_name, id=run_name, resume="allow", config=config, dir=".")
+    return lambda step, loss: wandb.log({"loss": loss}, step=step)
 
 
 def learning_rate(c, step, steps_per_epoch):
@@ -148,11 +220,11 @@ def mean_loss(total, steps, world_size, step, models_dir):
 
 @contextlib.contextmanager
 def distributed(device):
-    """(device, rank, world_size) of this process. Under torchrun: joins the process group, NCCL on CUDA (one GPU
-    per process, LOCAL_RANK) or gloo on the CPU, and leaves it at the end; a plain `python` run is rank 0 of 1."""
+    """(device, rank, world_size) of this process. Under torchrun (with one process too): joins the process group,
+    NCCL on CUDA (one GPU per process, LOCAL_RANK) or gloo on the CPU, and leaves it at the end; a plain `python`
+    run is rank 0 of 1."""
     device = pick_device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
+    if "LOCAL_RANK" not in os.environ:  # not started by torchrun
         yield device, 0, 1
         return
     if device.type == "cuda":
@@ -162,9 +234,43 @@ def distributed(device):
         raise UserError(f"torchrun: distributed training runs on CUDA (NCCL) or the CPU (gloo), not on {device}")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        yield device, dist.get_rank(), world_size
+        yield device, dist.get_rank(), dist.get_world_size()
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def save_and_stop_on_ctrl_c(enabled=True):
+    """Yields interrupted(): whether Ctrl-C (SIGINT) was pressed since, so that the loop saves a checkpoint at the
+    next step boundary and stops; a second Ctrl-C stops at once. Under torchrun (enabled False) Ctrl-C stops at
+    once: the processes would not stop at the same step."""
+    pressed = []
+
+    def handler(signum, frame):
+        pressed.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler) if enabled else None
+    except ValueError:  # not the main thread: Ctrl-C stops at once
+        previous = None
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def local_rank_zero_first():
+    """Under torchrun, the first process of each machine runs the block first (a download, an extraction), the
+    others after it (reading what it wrote); without torchrun, just the block."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if dist.is_initialized() and not first:
+        dist.barrier()
+    yield
+    if dist.is_initialized() and first:
+        dist.barrier()
 
 
 def all_gather(x, world_size):
@@ -181,15 +287,19 @@ def all_gather(x, world_size):
 # ---------------------------------------------------------------------------------------------------------------
 
 RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "device", "amp", "compile", "data_dir",
-                     "cfg_scale", "sampler"}  # options that may change when a run resumes; others make another run
+                     "cfg_scale", "sampler", "logger"}  # options that may change when a run resumes; others make another run
 
 
 def read_train_state(models_dir, config):
     """models/<run>/train_state.pt, or None for a new run; a run of other settings is refused, naming them."""
     path = Path(models_dir) / "train_state.pt"
-    if not path.exists():
+    state = read_checkpoint(path) if path.exists() and (not dist.is_initialized() or dist.get_rank() == 0) else None
+    if dist.is_initialized():  # torchrun: rank 0's, on every machine (they need not share a filesystem)
+        shared = [state]
+        dist.broadcast_object_list(shared, src=0)
+        state = shared[0]
+    if state is None:
         return None
-    state = read_checkpoint(path)
     saved = state["config"]
     differ = [f"{k}={saved[k]!r}, now {config[k]!r}" for k in saved.keys() & config.keys()
               if k not in RESUMABLE_CHANGES and saved[k] != config[k]]
@@ -297,14 +407,21 @@ def setup_logging(run_name):
     return Path("models") / run_name, Path("results") / run_name
 
 
-def plot_images(images, nrow=8):
-    """Show uint8 images (n, C, H, W) as a grid (in a notebook)."""
+def plot_images(images, nrow=8, path="samples.png"):
+    """Show uint8 images (n, C, H, W) as a grid: in a notebook, or a window; where matplotlib can show nothing (no
+    display), the grid is saved to `path` instead and said so."""
+    import matplotlib
     import matplotlib.pyplot as plt
     grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow)
-    plt.figure(figsize=(min(16, grid.shape[2] / 32), min(16, grid.shape[1] / 32)))
+    figure = plt.figure(figsize=(min(16, grid.shape[2] / 32), min(16, grid.shape[1] / 32)))
     plt.imshow(grid.permute(1, 2, 0).numpy())
     plt.axis("off")
-    plt.show()
+    if matplotlib.get_backend().lower() in ("agg", "pdf", "ps", "svg", "cairo", "template"):  # shows nothing
+        save_images(images, path, nrow)
+        print(f"no display here: the images are in {Path(path).resolve()}")
+    else:
+        plt.show()
+    plt.close(figure)  # (a figure left open is held in memory: matplotlib warns after 20)
 
 
 def grid_image(images, nrow=8):
@@ -345,7 +462,7 @@ def save_loss_plot(losses, path):
     ax = fig.add_subplot()
     if losses:
         ax.plot(*zip(*losses))
-    ax.set(xlabel="step", ylabel="MSE loss", yscale="log", title="training loss")
+    ax.set(xlabel="step", ylabel="loss (weighted as trained, e.g. min-SNR)", yscale="log", title="training loss")
     ax.grid(alpha=0.3)
     replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 

@@ -1,5 +1,7 @@
 """Data sources, the batch order, options and checkpoints, and the clear messages for bad input."""
 import hashlib
+import os
+import re
 import socket
 from pathlib import Path
 
@@ -199,13 +201,24 @@ def test_image_folder_is_resized_and_labelled(tmp_path):
     assert gray.channels == 1 and gray[torch.arange(5)][0].shape == (5, 1, 8, 16)
 
 
-def test_image_folder_skips_an_unreadable_image_and_names_it(tmp_path):
-    root = make_folder(tmp_path / "pets")
-    (root / "dogs" / "broken.jpg").write_bytes(b"not a jpeg at all")
+def test_an_unreadable_image_is_named_once_and_replaced_so_batches_keep_their_size(tmp_path, capsys):
+    """Wherever it is, the first file too (which sets the channels): one line naming it, once, and the next readable
+    image takes its place with its label, so a batch keeps its size (under torchrun every process's must)."""
+    root = make_folder(tmp_path / "pets")  # cats: 3 images, dogs: 2
+    (root / "cats" / "-broken.jpg").write_bytes(b"not a jpeg at all")  # sorted first
+    (root / "dogs" / "broken.jpg").write_bytes(b"nor this")
     data = load_dataset(str(root), 16)
-    with pytest.warns(UserWarning, match=r"skipping unreadable image '.*broken\.jpg'"):
+    assert data.channels == 3 and len(data) == 7
+    for _ in range(2):
         images, labels = data[torch.arange(len(data))]
-    assert len(images) == len(data) - 1 == 5
+        assert images.shape == (7, 3, 16, 16) and sorted(labels.tolist()) == [0, 0, 0, 0, 0, 1, 1]  # (wraps round)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(re.match(r"warning: skipping unreadable image '.*broken\.jpg' \(", line)
+                                   for line in lines)
+    for path in data.paths:
+        Path(path).write_bytes(b"junk")
+    with pytest.raises(UserError, match=r"none of the 7 images \(e.g. '.*'\) can be read"):
+        load_dataset(str(root), 16)
 
 
 @pytest.mark.parametrize("layout,message", [
@@ -343,3 +356,72 @@ def test_compiled_and_ddp_prefixes_are_removed_when_loading(tmp_path):
     prefixed = {"_orig_mod." + k: v for k, v in source.state_dict().items()}
     target = load_weights(UNet(width=8, attention=()), prefixed)
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+
+
+def test_in_memory_batches_are_indexed_on_the_datasets_device():
+    """The epoch's permutation moves to the device once (a GPU dataset indexed with CPU indices would copy them to
+    the GPU, and wait, every step); "meta" stands in for a GPU here. Same order as on the CPU."""
+    on_cpu, on_meta = EpochBatches(20, 4, seed=3), EpochBatches(20, 4, seed=3, device="meta")
+    batches = list(on_meta)
+    assert all(b.device.type == "meta" for b in batches) and len(batches) == len(list(on_cpu)) == 5
+    loader = get_data(draw_shapes(12, (8, 8)), 4, device="cpu")
+    assert next(iter(loader.sampler)).device.type == "cpu"
+
+
+def test_folder_loaders_default_to_as_many_workers_as_cores(tmp_path):
+    """NUM_WORKERS is gone: up to 4 worker processes, no more than this machine's cores (torch warns otherwise)."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            Image.new("RGB", (8, 8)).save(tmp_path / name / f"{i}.png")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert get_data(load_dataset(str(tmp_path), 8), 4).num_workers == min(4, cores)
+
+
+def test_an_unusable_nvidia_gpu_is_said_loudly(monkeypatch, capsys):
+    """An NVIDIA GPU that this torch cannot use (a CPU wheel, or a CUDA build newer than the driver): "auto" still
+    picks the CPU, but says so once, with what to install."""
+    import utils
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(utils, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(utils.warn_unusable_gpu, "said", False, raising=False)
+    assert pick_device("auto").type == "cpu" and pick_device("auto").type == "cpu"
+    err = capsys.readouterr().err
+    assert err.count("WARNING: this machine has an NVIDIA GPU, but torch") == 1
+    assert "nvidia-smi" in err and "--index-url https://download.pytorch.org/whl/cu126" in err
+    monkeypatch.setattr(utils, "nvidia_gpu_present", lambda: False)
+    monkeypatch.setattr(utils.warn_unusable_gpu, "said", False)
+    pick_device("auto")
+    assert capsys.readouterr().err == ""
+
+
+def test_what_apple_mps_cannot_do_is_refused_with_what_to_change():
+    """float16 training needs torch's GradScaler, which cannot run on MPS; attention's backward there holds every
+    head's (positions x positions) scores: the tutorial's 64x64 attention at batch 32 would need about 16 GiB."""
+    import argparse
+    from utils import check_attention_memory, grad_scaler
+    mps = torch.device("mps")  # (a device object; nothing runs there)
+    with pytest.raises(UserError, match=r"--amp fp16 on Apple MPS: .* use --amp False"):
+        grad_scaler(mps, torch.float16)
+    assert grad_scaler(mps, None) is None and grad_scaler(torch.device("cpu"), torch.float16) is not None
+    tutorial = argparse.Namespace(img_size=64, attention=(1, 2, 4, 8), batch_size=32, grad_accum=1)
+    with pytest.raises(UserError, match=r"attention at 1/1 resolution \(4096 positions\) needs about 16 GiB for a "
+                                        r"micro-batch of 32: use --grad_accum"):
+        check_attention_memory(mps, tutorial)
+    check_attention_memory(mps, argparse.Namespace(**{**vars(tutorial), "grad_accum": 2}))  # 8 GiB: allowed
+    check_attention_memory(mps, argparse.Namespace(**{**vars(tutorial), "batch_size": 14}))  # the tutorial's: 7
+    check_attention_memory(torch.device("cpu"), tutorial)  # fused kernels elsewhere
+
+
+def test_plot_images_without_a_display_saves_the_grid_and_leaves_no_figure_open(tmp_path, capsys):
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from utils import plot_images
+    matplotlib.use("Agg")  # no display: plt.show() would show nothing
+    images = draw_shapes(4, (8, 8)).images
+    for _ in range(3):
+        plot_images(images, path=tmp_path / "samples.png")
+    assert Image.open(tmp_path / "samples.png").size == (2 + 4 * 10, 2 + 10)
+    assert capsys.readouterr().out.count(f"no display here: the images are in {tmp_path / 'samples.png'}") == 3
+    assert plt.get_fignums() == []

@@ -519,3 +519,14 @@ def test_img2img_starts_at_the_noise_level_of_its_strength(sampler):
     for strength in (-0.1, 1.5):
         with pytest.raises(UserError, match=f"strength={strength}: expected a number in"):
             diffusion.img2img(model, images, strength)
+
+
+def test_a_model_left_on_another_device_samples_where_the_diffusion_is():
+    """The tutorial's recipe builds the model on the CPU while Diffusion() picks the GPU: sampling moves the model to
+    the diffusion's device instead of failing on mixed devices ("meta" stands in for the GPU here)."""
+    from modules import UNet
+    diffusion = Diffusion(img_size=8, device="cpu")
+    diffusion.device = torch.device("meta")
+    model = UNet(width=8, attention=(8,))
+    images = diffusion.sample(model, 2, steps=2, progress=False)
+    assert images.device.type == "meta" and next(model.parameters()).device.type == "meta"

@@ -17,6 +17,9 @@ WORKER = f"""
 import os, sys
 sys.path.insert(0, {str(REPO)!r})
 import torch, ddpm_conditional, options
+if os.environ.get("OWN_FOLDERS"):  # each process in a folder of its own, as on machines without a shared filesystem
+    os.makedirs(f"rank{{os.environ['RANK']}}", exist_ok=True)
+    os.chdir(f"rank{{os.environ['RANK']}}")
 config = options.parse_config(vars(ddpm_conditional), sys.argv[1:])
 model, ema_model = ddpm_conditional.train(config)
 torch.save({{"model": model.state_dict(), "ema_model": ema_model.state_dict()}},
@@ -24,11 +27,12 @@ torch.save({{"model": model.state_dict(), "ema_model": ema_model.state_dict()}},
 """
 
 
-def run(cwd, *args, processes=1):
+def run(cwd, *args, processes=1, torchrun=None, script="worker.py", env=()):
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    command = [sys.executable, *(launcher if processes > 1 else []), "worker.py", *TINY, *args]
+    torchrun = processes > 1 if torchrun is None else torchrun
+    command = [sys.executable, *(launcher if torchrun else []), script, *TINY, *args]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -64,3 +68,43 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     (square, count), (single_square, single_count) = (s["importance"].values() for s in (state, single_state))
     assert count.sum() == 6 * 16 and torch.equal(count, single_count)
     torch.testing.assert_close(square, single_square, rtol=1e-5, atol=0)
+
+
+def test_torchrun_with_one_process_still_joins_a_process_group(tmp_path):
+    """`torchrun --nproc_per_node=1` (the one-GPU check) runs DDP in a process group (gloo here, NCCL on a GPU)."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    out = run(tmp_path, "--batch_size", "16", "--epochs", "1", processes=1, torchrun=True)
+    assert "torchrun: 1 processes (gloo), global batch 16" in out
+
+
+ORDER = f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+import torch.distributed as dist, utils
+dist.init_process_group("gloo")
+with utils.local_rank_zero_first():
+    with open("order.txt", "a") as f:
+        f.write(f"{{dist.get_rank()}} in\\n")
+    time.sleep(0.5)
+    with open("order.txt", "a") as f:
+        f.write(f"{{dist.get_rank()}} out\\n")
+dist.destroy_process_group()
+"""
+
+
+def test_the_first_process_reads_the_data_first_and_resumes_for_all(tmp_path):
+    """Under torchrun the first process of a machine prepares the data (a download) while the others wait; on resume
+    rank 0's train_state.pt reaches every process, so machines without a shared filesystem (each process in a
+    folder of its own here) resume at the same step, and hold the same weights."""
+    (tmp_path / "order.py").write_text(ORDER)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "order.py"], cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    assert (tmp_path / "order.txt").read_text().split("\n") == ["0 in", "0 out", "1 in", "1 out", ""]
+    (tmp_path / "worker.py").write_text(WORKER)
+    own = {"OWN_FOLDERS": "1"}
+    run(tmp_path, "--batch_size", "8", "--epochs", "1", processes=2, env=own)
+    assert not (tmp_path / "rank1" / "models").exists()  # only rank 0 writes
+    out = run(tmp_path, "--batch_size", "8", "--epochs", "2", processes=2, env=own)
+    assert "resuming models/DDPM_conditional at epoch 2, step 3" in out
+    rank0, rank1 = weights(tmp_path / "rank0", 0), weights(tmp_path / "rank1", 1)
+    assert all(torch.equal(rank0["model"][k], rank1["model"][k]) for k in rank0["model"])

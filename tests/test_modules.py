@@ -235,3 +235,14 @@ def test_bottleneck_embedding_enters_between_bot2_and_bot3(film):
         torch.nn.init.zeros_(model.bot_emb_layer[1].weight)
         torch.nn.init.zeros_(model.bot_emb_layer[1].bias)
         assert torch.equal(model(x, t, y), plain(x, t, y))
+
+
+def test_attention_in_chunks_is_the_same_attention():
+    """On Apple MPS the sampler's attention runs a few images at a time (its kernel holds every score): the result is
+    scaled_dot_product_attention's on the whole batch, here with chunks of 3 images of (4 heads, 64 positions)."""
+    import torch.nn.functional as F
+    from modules import attention_in_chunks
+    q, k, v = torch.randn(3, 10, 4, 64, 8).unbind(0)
+    chunked = attention_in_chunks(q, k, v, max_bytes=3 * 4 * 64 * 64 * 4)
+    torch.testing.assert_close(chunked, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=1e-6)
+    assert attention_in_chunks(q[:1], k[:1], v[:1], max_bytes=1).shape == (1, 4, 64, 8)  # at least one image

@@ -453,6 +453,7 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--img_size", "30"], "error: img_size=30: height and width must be positive and divisible by 8"),
     (["--eopchs", "3"], "error: unrecognized arguments: --eopchs 3 (did you mean --epochs?)"),
+    (["--logger", "mlflow"], "error: logger='mlflow': expected None, 'tensorboard' or 'wandb'"),
     (["--optimizer", "sgd"], "error: optimizer='sgd': expected 'adamw' or 'muon'"),
     (["--dataset", "no/such/folder"], "error: dataset folder 'no/such/folder' does not exist"),
     (["--num_classes", "4"], "error: labels outside num_classes: 'shapes' has 6 classes, but num_classes=4"),
@@ -613,3 +614,80 @@ def test_an_attribute_table_run_and_the_readme_attributes_cell(tmp_path, monkeyp
     [cell] = readme_notebook_cells("notebook cell: attributes")
     exec(cell, namespace)
     assert namespace["y"].tolist() == [[1, 1]] * 8 and namespace["x"].shape == (8, 3, 16, 16)
+
+
+def test_the_tests_train_on_the_cpu_even_where_a_gpu_is(tmp_path, monkeypatch):
+    """TINY names the CPU: on a GPU machine `auto` would train on the GPU, where the exact-resume checks do not hold
+    (non-deterministic kernels); tests/test_accelerator.py is the suite's GPU part. Here "auto" is made to pick a
+    stand-in device ("meta", where training fails) to show that no run of the suite asks for it."""
+    import utils
+    pick = utils.pick_device
+    monkeypatch.setattr(utils, "pick_device", lambda name=None: torch.device("meta") if name in (None, "auto")
+                        else pick(name))
+    assert "on cpu" in run("ddpm.py", "--epochs", "1", cwd=tmp_path).stdout
+    (tmp_path / "auto").mkdir()
+    with pytest.raises(Exception):  # (the stand-in does fail)
+        run("ddpm.py", "--epochs", "1", "--device", "auto", cwd=tmp_path / "auto")
+
+
+def test_ctrl_c_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_path):
+    """SIGINT mid-epoch: a checkpoint at the next step boundary, one line, exit status 1; the same command then
+    finishes with the weights of a run never stopped (no steps lost, none repeated)."""
+    args = ("--epochs", "2", "--num_images", "960", "--lr_schedule", "constant")  # 60 steps an epoch
+    process = subprocess.Popen(command("ddpm.py", *args), cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    while "steps per epoch" not in process.stdout.readline():  # training has started
+        assert process.poll() is None
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and re.search(r"^stopped after step (\d+), saved in models/DDPM_unconditional: "
+                                                 r"run the same command to resume$", err, re.M), err[-2000:]
+    stopped = int(re.search(r"stopped after step (\d+)", err).group(1))
+    state = final_state(tmp_path, "ddpm.py")
+    assert state["step"] == stopped < 120 and state["batch"] == stopped % 60 != 0  # mid-epoch, that very step
+    resumed = run("ddpm.py", *args, cwd=tmp_path).stdout
+    assert f"step {stopped}" in resumed
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    run("ddpm.py", *args, cwd=whole)
+    a, b = final_state(tmp_path, "ddpm.py"), final_state(whole, "ddpm.py")
+    assert all(torch.equal(a["ema_model"][k], b["ema_model"][k]) for k in a["ema_model"]) and a["step"] == 120
+
+
+def test_a_run_that_fails_leaves_no_empty_folders_and_a_missing_run_is_named(tmp_path, monkeypatch):
+    """models/<run> and results/<run> appear with their first file; load_run of a run that does not exist names the
+    folder and lists the runs that do."""
+    from ddpm import load_run
+    result = run("ddpm.py", "--dataset", "no/such/folder", cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 1 and list(tmp_path.iterdir()) == []
+    run("ddpm_conditional.py", "--epochs", "1", "--run_name", "shapes16", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^no run folder 'models/DDPM_conditional': the runs in models are shapes16$"):
+        load_run("models/DDPM_conditional")
+    with pytest.raises(UserError, match=r"^no run folder 'nowhere/run' \(and no runs in 'nowhere'\)$"):
+        load_run("nowhere/run/ema_ckpt.pt")
+
+
+def test_the_loss_goes_to_tensorboard_when_asked(tmp_path):
+    """LOGGER = "tensorboard" (the tutorial's): runs/<RUN_NAME>/ holds every loss readout of loss.png, at its step,
+    across a resume too. (Skipped where the tensorboard package is not installed: requirements-dev.txt has it.)"""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run("ddpm.py", "--epochs", "1", "--logger", "tensorboard", cwd=tmp_path)
+    run("ddpm.py", "--epochs", "2", "--logger", "tensorboard", cwd=tmp_path)
+    events = EventAccumulator(str(tmp_path / "runs" / "DDPM_unconditional"))
+    events.Reload()
+    logged = [(event.step, event.value) for event in events.Scalars("loss")]
+    losses = final_state(tmp_path, "ddpm.py")["losses"]
+    assert [step for step, _ in logged] == [step for step, _ in losses] == [3, 6]
+    assert [value for _, value in logged] == pytest.approx([loss for _, loss in losses], rel=1e-6)
+
+
+def test_the_loss_goes_to_weights_and_biases_offline_when_asked(tmp_path, monkeypatch):
+    """LOGGER = "wandb" with WANDB_MODE=offline: no network, the run is written under ./wandb/. (Skipped where the
+    wandb package is not installed.)"""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run("ddpm.py", "--epochs", "1", "--logger", "wandb", cwd=tmp_path)
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
