@@ -20,14 +20,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from checkpoints import load_weights, read_train_state, resume, save_train_state
 from data import UserError, complete_config, image_size, load_dataset
 from importance import ImportanceSampler
 from modules import EMA, UNet, UNet_conditional, make_optimizer
 from options import check_config, clear_errors, parse_config, read_config
-from utils import (all_gather, check_attention_memory, grad_scaler, local_rank_zero_first, make_logger,
-                   save_and_stop_on_ctrl_c, amp_dtype, autocast, distributed, learning_rate,
-                   load_weights, mean_loss, pick_device, plot_images, read_train_state, resume,
-                   save_images, save_loss_plot, save_progress_gif, save_train_state, setup_logging, get_data)
+from utils import (all_gather, amp_dtype, autocast, check_attention_memory, check_labels, distributed, get_data,
+                   grad_scaler, learning_rate, local_rank_zero_first, make_logger, mean_loss, pick_device, plot_images,
+                   save_and_stop_on_ctrl_c, save_images, save_loss_plot, save_progress_gif, setup_logging, to_images)
 
 __all__ = ["Diffusion", "UNet", "load_run", "plot_images", "save_images"]  # from ddpm import *
 
@@ -308,30 +308,6 @@ class Diffusion:
             raise UserError(f"images of shape {tuple(images.shape)} and dtype {images.dtype}: expected uint8 "
                             f"(n, {', '.join(map(str, shape))}), as sample returns them")
         return images.to(self.device).float() / 127.5 - 1
-
-
-def to_images(x):
-    """Floats in [-1, 1] -> uint8 images in [0, 255], rounded."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def check_labels(model, labels, n, device):
-    """labels as a tensor on the device, checked against the model and the number of images."""
-    if labels is None:
-        return None
-    labels = torch.as_tensor(labels, device=device)
-    num_classes = getattr(model, "num_classes", None)
-    if isinstance(model, UNet) and not isinstance(model, UNet_conditional):
-        raise UserError("labels given to an unconditional model (a UNet): sample it with labels=None")
-    if labels.is_floating_point():
-        if labels.shape != (n, num_classes or labels.shape[-1]):
-            raise UserError(f"multi-hot labels of shape {tuple(labels.shape)}: expected ({n}, {num_classes})")
-    elif labels.shape != (n,):
-        raise UserError(f"labels of shape {tuple(labels.shape)}: expected one class index per image, ({n},)")
-    elif num_classes is not None and len(labels) and labels.max() >= num_classes:
-        raise UserError(f"label {labels.max().item()} is outside the model's {num_classes} classes "
-                        f"(0 .. {num_classes - 1})")
-    return labels
 
 
 # ---------------------------------------------------------------------------------------------------------------

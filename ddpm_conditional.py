@@ -20,15 +20,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from checkpoints import read_train_state, resume, save_train_state
 from data import complete_config, load_dataset
 from ddpm import Diffusion, load_run, make_diffusion
 from importance import ImportanceSampler
 from modules import EMA, UNet_conditional, make_optimizer
 from options import check_config, clear_errors, parse_config
-from utils import (all_gather, check_attention_memory, grad_scaler, local_rank_zero_first, make_logger,
-                   save_and_stop_on_ctrl_c, amp_dtype, autocast, distributed, get_data, learning_rate,
-                   mean_loss, plot_images, read_train_state, resume, save_images, save_loss_plot,
-                   save_progress_gif, save_train_state, setup_logging)
+from utils import (all_gather, amp_dtype, autocast, check_attention_memory, distributed, get_data, grad_scaler,
+                   learning_rate, local_rank_zero_first, make_logger, mean_loss, plot_images, save_and_stop_on_ctrl_c,
+                   save_images, save_loss_plot, save_progress_gif, setup_logging)
 
 __all__ = ["Diffusion", "EMA", "UNet_conditional", "load_run", "plot_images", "save_images"]
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from data import ImageTensors, UserError, attribute_names, default_flip, image_size, in_memory, load_dataset
 from ddpm import load_run, read_config
-from utils import amp_dtype, autocast, load_weights, pick_device
+from checkpoints import load_weights
+from utils import amp_dtype, autocast, pick_device
 
 TF_FID_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # the file torchmetrics (torch-fidelity) loads for FID
 

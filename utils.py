@@ -2,7 +2,6 @@
 (get_data), torchrun, checkpoint files and exact resume, the command-line options and presets, images and plots.
 The datasets themselves are in data.py."""
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -16,6 +15,7 @@ import torchvision
 from PIL import Image
 
 from data import ImageTensors, UserError
+from modules import UNet, UNet_conditional
 
 # ---------------------------------------------------------------------------------------------------------------
 # Device and precision
@@ -282,119 +282,28 @@ def all_gather(x, world_size):
     return torch.cat(parts)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoint files: written to a temporary file, then renamed, so a kill at any moment leaves a whole file
-# ---------------------------------------------------------------------------------------------------------------
-
-RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "device", "amp", "compile", "data_dir",
-                     "cfg_scale", "sampler", "logger"}  # options that may change when a run resumes; others make another run
+def to_images(x):
+    """Floats in [-1, 1] -> uint8 images in [0, 255], rounded."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def read_train_state(models_dir, config):
-    """models/<run>/train_state.pt, or None for a new run; a run of other settings is refused, naming them."""
-    path = Path(models_dir) / "train_state.pt"
-    state = read_checkpoint(path) if path.exists() and (not dist.is_initialized() or dist.get_rank() == 0) else None
-    if dist.is_initialized():  # torchrun: rank 0's, on every machine (they need not share a filesystem)
-        shared = [state]
-        dist.broadcast_object_list(shared, src=0)
-        state = shared[0]
-    if state is None:
+def check_labels(model, labels, n, device):
+    """labels as a tensor on the device, checked against the model and the number of images."""
+    if labels is None:
         return None
-    saved = state["config"]
-    differ = [f"{k}={saved[k]!r}, now {config[k]!r}" for k in saved.keys() & config.keys()
-              if k not in RESUMABLE_CHANGES and saved[k] != config[k]]
-    if differ:
-        raise UserError(f"{models_dir} holds a run with other settings ({'; '.join(differ)}): pass another "
-                        f"--run_name, or delete {models_dir} to start this one afresh")
-    return state
-
-
-def save_train_state(models_dir, config, run, epoch, batch, step, losses):
-    """ckpt.pt and ema_ckpt.pt (plain state dicts, the tutorial's files), and train_state.pt: all that an exact
-    resume needs. `run`: the model, ema_model, optimizer, ema, scaler, generator and importance sampler. Tensors go
-    to the CPU first, so the files load on any machine."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    weights, ema_weights = cpu_state(run["model"]), cpu_state(run["ema_model"])
-    save_checkpoint(weights, models_dir / "ckpt.pt")
-    save_checkpoint(ema_weights, models_dir / "ema_ckpt.pt")
-    save_checkpoint({"model": weights, "ema_model": ema_weights, "optimizer": run["optimizer"].state_dict(),
-                     "ema_step": run["ema"].step, "generator": run["generator"].get_state(),
-                     "generator_device": run["generator"].device.type,
-                     "scaler": run["scaler"].state_dict() if run["scaler"] else {},
-                     "importance": run["importance"].state_dict() if run["importance"] else None,
-                     "epoch": epoch, "batch": batch, "step": step, "losses": losses, "config": vars(config)},
-                    models_dir / "train_state.pt")
-    save_json(vars(config), models_dir / "config.json")  # the settings load_run and evaluate.py read
-
-
-def resume(state, run, log):
-    """Load a train_state.pt into the run's parts; returns its (epoch, batch, step, losses)."""
-    load_weights(run["model"], state["model"], "train_state.pt (model)")
-    load_weights(run["ema_model"], state["ema_model"], "train_state.pt (ema_model)")
-    run["optimizer"].load_state_dict(state["optimizer"])  # (its learning rate is set before every step)
-    run["ema"].step = state["ema_step"]
-    if run["scaler"] is not None and state.get("scaler"):
-        run["scaler"].load_state_dict(state["scaler"])
-    if run["importance"] is not None:
-        run["importance"].load_state_dict(state["importance"])
-    generator, device = run["generator"], run["generator"].device
-    if state["generator_device"] == device.type:
-        generator.set_state(state["generator"])
-    else:  # a CUDA generator's state does not fit a CPU generator: go on from a stream of (seed, step)
-        generator.manual_seed(state["config"]["seed"] * 1_000_003 + state["step"])
-        log(f"resuming on {device.type} a run saved on {state['generator_device']}: its random draws go on from a "
-            f"new stream (seed {state['config']['seed']}, step {state['step']}), so they differ from an "
-            f"uninterrupted run's")
-    log(f"resuming models/{state['config']['run_name']} at epoch {state['epoch'] + 1}, step {state['step']}")
-    return state["epoch"], state["batch"], state["step"], state["losses"]
-
-
-def save_json(obj, path):
-    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
-
-
-def cpu_state(model):
-    return {k: v.cpu() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(obj, path):
-    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
-
-
-def read_checkpoint(path):
-    """torch.load(path) on the CPU, weights only, with a clear message when it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint '{path}' does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds here: a truncated zip, an old pickle, a foreign object
-        raise UserError(f"cannot read checkpoint '{path}': {str(e).splitlines()[0]}") from None
-
-
-def load_weights(model, path_or_state, name=None):
-    """Load a state dict (or the file holding one) into model, naming the keys that differ if it does not fit.
-    Prefixes added by torch.compile ("_orig_mod.") and DistributedDataParallel ("module.") are removed."""
-    name = name or path_or_state
-    state = read_checkpoint(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
-    if not isinstance(state, dict):
-        raise UserError(f"checkpoint '{name}' holds a {type(state).__name__}, not a state dict")
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    problems = []
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                        ("shapes differ (checkpoint vs model)", shapes)):
-        if keys:
-            problems.append(f"{label}: {', '.join(keys[:4])}" + (f" and {len(keys) - 4} more" if len(keys) > 4 else ""))
-    if problems:
-        raise UserError(f"checkpoint '{name}' does not fit the model ({'; '.join(problems)}): was it trained with "
-                        f"other WIDTH, ATTENTION, CHANNELS, NUM_CLASSES?")
-    model.load_state_dict(state)
-    return model
+    labels = torch.as_tensor(labels, device=device)
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(model, UNet) and not isinstance(model, UNet_conditional):
+        raise UserError("labels given to an unconditional model (a UNet): sample it with labels=None")
+    if labels.is_floating_point():
+        if labels.shape != (n, num_classes or labels.shape[-1]):
+            raise UserError(f"multi-hot labels of shape {tuple(labels.shape)}: expected ({n}, {num_classes})")
+    elif labels.shape != (n,):
+        raise UserError(f"labels of shape {tuple(labels.shape)}: expected one class index per image, ({n},)")
+    elif num_classes is not None and len(labels) and labels.max() >= num_classes:
+        raise UserError(f"label {labels.max().item()} is outside the model's {num_classes} classes "
+                        f"(0 .. {num_classes - 1})")
+    return labels
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from PIL import Image
 from data import SHAPE_CLASSES, UserError, draw_multishapes, draw_shapes, load_dataset
 from modules import UNet
 from options import parse_config
-from utils import EpochBatches, get_data, load_weights, pick_device, save_checkpoint
+from checkpoints import load_weights, save_checkpoint
+from utils import EpochBatches, get_data, pick_device
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

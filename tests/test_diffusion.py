@@ -463,7 +463,7 @@ def test_inpaint_keeps_the_known_pixels_and_fills_in_what_they_imply():
     so 2 x 10 - 1 model calls); without resampling, 10 steps leave it 2 levels off on average (the disharmony RePaint
     resamples away)."""
     diffusion = Diffusion(img_size=8, channels=1, device="cpu", prediction="x0")
-    from ddpm import to_images
+    from utils import to_images
     images = to_images(torch.linspace(-0.8, 0.8, 16)[:, None, None, None].expand(16, 1, 8, 8))
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., :4] = 1
@@ -486,7 +486,7 @@ def test_inpaint_keeps_the_known_pixels_and_fills_in_what_they_imply():
 def test_inpainted_pixels_follow_the_data_distribution():
     """Independent N(mu, std^2) pixels: what is filled in has the data's mean and std (all 1000 steps: the posterior
     variance of eta = 1 loses 2.6% of the std; sampling error 1.1%)."""
-    from ddpm import to_images
+    from utils import to_images
     diffusion = Diffusion(img_size=16, channels=2, device="cpu")
     images = to_images(MU + STD * torch.randn(16, 2, 16, 16, generator=torch.Generator().manual_seed(0)))
     mask = torch.zeros(1, 1, 16, 16)
@@ -503,7 +503,7 @@ def test_img2img_starts_at_the_noise_level_of_its_strength(sampler):
     """SDEdit on Gaussian data: from t = strength * T the deterministic map keeps the correlation of each pixel with
     the input that x_t has with x_0, sqrt(a std^2 / (a std^2 + 1 - a)), a = alpha_hat_t (0.998 at strength 0.001,
     0.66 at 0.05, 0 at 1), and the output has the data's mean and std (DDIM's 50 steps lose 5% of it)."""
-    from ddpm import to_images
+    from utils import to_images
     diffusion = Diffusion(img_size=16, channels=2, device="cpu")
     model = GaussianEps(diffusion, MU, STD)
     images = to_images(MU + STD * torch.randn(64, 2, 16, 16, generator=torch.Generator().manual_seed(0)))

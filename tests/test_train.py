@@ -691,3 +691,43 @@ def test_the_loss_goes_to_weights_and_biases_offline_when_asked(tmp_path, monkey
     monkeypatch.setenv("WANDB_MODE", "offline")
     run("ddpm.py", "--epochs", "1", "--logger", "wandb", cwd=tmp_path)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_help_shows_each_constants_comment_grouped_and_the_docstrings_commands(capsys):
+    """--help: every option with its comment from the script (allowed values included) under the script's group
+    titles, bare flags for booleans, and the docstring's example commands on their own lines."""
+    import ddpm_conditional
+    with pytest.raises(SystemExit):
+        parse_config(vars(ddpm_conditional), ["--help"])
+    out = capsys.readouterr().out
+    assert "\n    python ddpm_conditional.py config/tutorial.py       # the tutorial's setting" in out
+    for title in ("the tutorial's knobs:", "beyond the tutorial: the measured recipe (docs/measurements.md):",
+                  "data and machine:"):
+        assert f"\n{title}\n" in out
+    flat = " ".join(out.split())
+    assert '--schedule VALUE "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et al. 2020; tutorial) (default: ' \
+           "'cosine')" in flat
+    assert "--timesteps VALUE how training draws t: \"importance\"" in flat and '"uniform" (tutorial)' in flat
+    assert "--compile [BOOL] torch.compile the model (default: False)" in flat
+    assert parse_config(vars(ddpm_conditional), ["--compile"]).compile is True
+    assert parse_config(vars(ddpm_conditional), ["--compile", "True"]).compile is True
+
+
+def test_no_file_imports_one_that_imports_it_back():
+    """The repo's files import each other in one direction only (data <- utils <- options <- ddpm <- the rest)."""
+    import ast
+    files = {path.stem: path for path in REPO.glob("*.py")}
+    imports = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text())
+        found = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                             if isinstance(node, ast.ImportFrom) and node.module}
+        imports[name] = found & files.keys()
+
+    def reaches(start, goal, seen=()):
+        return any(other == goal or (other not in seen and reaches(other, goal, (*seen, other)))
+                   for other in imports[start])
+
+    assert imports["ddpm_conditional"] >= {"ddpm"} and "training" not in files
+    assert [name for name in files if reaches(name, name)] == []
