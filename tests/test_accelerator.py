@@ -94,3 +94,19 @@ def test_torchrun_on_two_gpus_with_nccl(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"weights_rank{rank}.pt", weights_only=True) for rank in (0, 1))
     for part in ("model", "ema_model"):
         assert all(torch.equal(rank0[part][k].cpu(), rank1[part][k].cpu()) for k in rank0[part]), part
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a CUDA check")
+def test_in_memory_batches_make_the_gpu_wait_for_nothing():
+    """Batches of data held on the GPU are indexed there: after the epoch's permutation moves to the GPU (once, at
+    the epoch's start), no batch makes the host wait for the device (torch's sync debug mode would raise)."""
+    from data import draw_shapes
+    from utils import get_data
+    batches = iter(get_data(draw_shapes(64, (8, 8)), 16, device=torch.device("cuda")))
+    next(batches)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        images = [images for images, labels in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(images) == 3 and images[0].device.type == "cuda"
