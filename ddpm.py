@@ -5,9 +5,9 @@
     python ddpm.py --dataset cifar10 --img_size 64   # every UPPERCASE constant below is an option (--help)
 
 Below the constants: Diffusion (the forward process, Algorithm 2, DDIM and DPM-Solver++ sampling, classifier-free
-guidance, RePaint inpainting and SDEdit img2img), the importance sampler of t, then training: train_step
-(Algorithm 1), the sample grid and train(), the loop. Checkpoints go to models/<RUN_NAME>/, sample grids and the
-loss curve to results/<RUN_NAME>/; running the same command again resumes.
+guidance, RePaint inpainting and SDEdit img2img), then training: train_step (Algorithm 1), the sample grid and
+train(), the loop; last, load_run. Checkpoints go to models/<RUN_NAME>/, sample grids and the loss curve to
+results/<RUN_NAME>/; Ctrl-C saves and stops, and running the same command again resumes.
 `torchrun --nproc_per_node=N ddpm.py ...` trains on N processes (GPUs) with DistributedDataParallel.
 """
 import argparse
