@@ -42,8 +42,9 @@ def pick_device(name=None):
 
 
 def nvidia_gpu_present():
-    """Whether this machine has an NVIDIA GPU with its driver loaded, whether or not this torch can use it."""
-    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+    """Whether this machine has an NVIDIA GPU with its driver loaded (Linux: the driver's /proc entry; Windows: its
+    nvidia-smi), whether or not this torch can use it."""
+    return Path("/proc/driver/nvidia/version").exists() or (os.name == "nt" and shutil.which("nvidia-smi") is not None)
 
 
 def warn_unusable_gpu():
