@@ -11,8 +11,9 @@ from data import UserError
 from utils import replace_atomically
 
 
+# Options that may change when a run resumes; any other difference makes another run.
 RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "device", "amp", "compile", "data_dir",
-                     "cfg_scale", "sampler", "logger"}  # options that may change when a run resumes; others make another run
+                     "cfg_scale", "sampler", "logger"}
 
 
 def read_train_state(models_dir, config):

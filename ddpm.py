@@ -25,9 +25,10 @@ from data import UserError, complete_config, image_size, load_dataset
 from importance import ImportanceSampler
 from modules import EMA, UNet, UNet_conditional, make_optimizer
 from options import check_config, clear_errors, parse_config, read_config
-from utils import (all_gather, amp_dtype, autocast, check_attention_memory, check_labels, distributed, get_data,
-                   grad_scaler, learning_rate, local_rank_zero_first, make_logger, mean_loss, pick_device, plot_images,
-                   save_and_stop_on_ctrl_c, save_images, save_loss_plot, save_progress_gif, setup_logging, to_images)
+from utils import (all_gather, amp_dtype, autocast, check_attention_memory, check_labels, distributed, from_images,
+                   get_data, grad_scaler, learning_rate, local_rank_zero_first, make_logger, mean_loss, pick_device,
+                   plot_images, save_and_stop_on_ctrl_c, save_images, save_loss_plot, save_progress_gif, setup_logging,
+                   to_images)
 
 __all__ = ["Diffusion", "UNet", "load_run", "plot_images", "save_images"]  # from ddpm import *
 
@@ -253,11 +254,10 @@ class Diffusion:
     @torch.inference_mode()
     def img2img(self, model, images, strength, labels=None, cfg_scale=3, steps=50, generator=None, sampler=None):
         """SDEdit (Meng et al. 2022, Algorithm 1): noise uint8 images (n, C, H, W) to t = strength * T, then denoise
-        them from there with `steps` steps of `sampler` (at most one per timestep), guided towards `labels`.
-        strength 0 returns the images as they are, 1 samples afresh from pure noise."""
+        them with `steps` steps of `sampler`, guided towards `labels`. Strength 0 returns them, 1 samples afresh."""
         if not 0 <= strength <= 1:
             raise UserError(f"strength={strength}: expected a number in [0, 1]")
-        x0 = self.from_images(images)
+        x0 = from_images(images, (self.channels, *self.img_size), self.device)
         if strength == 0:
             return images.to(self.device).clone()
         start = math.ceil(strength * self.noise_steps) - 1  # the index of t = strength * T, rounded up
@@ -274,7 +274,7 @@ class Diffusion:
         step after noising it one step back, which harmonises the two regions. On independent Gaussian pixels 50
         steps lose 10% of the std (1000: 3%); on correlated pixels resample=1 recovers about 57% of the shift that
         the known pixels imply, resample=10 about 92%."""
-        known = self.from_images(images)
+        known = from_images(images, (self.channels, *self.img_size), self.device)
         mask = torch.as_tensor(mask).float().to(self.device)  # (a float64 numpy mask: MPS has no float64)
         if mask.ndim != 4 or any(m not in (1, k) for m, k in zip(mask.shape, known.shape)):
             raise UserError(f"mask of shape {tuple(mask.shape)}: expected one that broadcasts to the images' "
@@ -300,14 +300,6 @@ class Diffusion:
                 x = mask * known_t + (1 - mask) * unknown
         model.train(was_training)
         return to_images(x)
-
-    def from_images(self, images):
-        """uint8 images (n, C, H, W) of this diffusion's size and channels -> floats in [-1, 1] on its device."""
-        shape = (self.channels, *self.img_size)
-        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != shape:
-            raise UserError(f"images of shape {tuple(images.shape)} and dtype {images.dtype}: expected uint8 "
-                            f"(n, {', '.join(map(str, shape))}), as sample returns them")
-        return images.to(self.device).float() / 127.5 - 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -288,6 +288,14 @@ def to_images(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def from_images(images, shape, device):
+    """uint8 images (n, *shape), as Diffusion.sample returns them -> floats in [-1, 1] on the device."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != shape:
+        raise UserError(f"images of shape {tuple(images.shape)} and dtype {images.dtype}: expected uint8 "
+                        f"(n, {', '.join(map(str, shape))}), as sample returns them")
+    return images.to(device).float() / 127.5 - 1
+
+
 def check_labels(model, labels, n, device):
     """labels as a tensor on the device, checked against the model and the number of images."""
     if labels is None:

@@ -1,7 +1,8 @@
 """On the GPU at hand (CUDA, or Apple MPS): each script trains there with the automatic precision (bf16 where native,
 fp16 with a loss scaler on older CUDA GPUs) and torch.compile, samples with guidance, evaluate.py measures the run
 there, and the run resumes on the CPU; guided samples there match the CPU's; data held on the GPU is batched without
-making the host wait; with two or more CUDA GPUs, torchrun trains under NCCL. Skipped without an accelerator (CI is CPU-only). Run it on a GPU machine with
+making the host wait; with two or more CUDA GPUs, torchrun trains under NCCL. Skipped without an accelerator (CI is
+CPU-only). Run it on a GPU machine with
 
     python -m pytest -q tests/test_accelerator.py
 
