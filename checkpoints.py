@@ -35,10 +35,11 @@ def read_train_state(models_dir, config):
     return state
 
 
-def save_train_state(models_dir, config, run, epoch, batch, step, losses):
+def save_train_state(models_dir, config, run, epoch, batch, step, losses, window=(0.0, 0)):
     """ckpt.pt and ema_ckpt.pt (plain state dicts, the tutorial's files), and train_state.pt: all that an exact
-    resume needs. `run`: the model, ema_model, optimizer, ema, scaler, generator and importance sampler. Tensors go
-    to the CPU first, so the files load on any machine."""
+    resume needs. `run`: the model, ema_model, optimizer, ema, scaler, generator and importance sampler; `window`:
+    the losses since the last readout (their sum, their count). Tensors go to the CPU first, so the files load on
+    any machine."""
     models_dir.mkdir(parents=True, exist_ok=True)
     weights, ema_weights = cpu_state(run["model"]), cpu_state(run["ema_model"])
     save_checkpoint(weights, models_dir / "ckpt.pt")
@@ -48,31 +49,38 @@ def save_train_state(models_dir, config, run, epoch, batch, step, losses):
                      "generator_device": run["generator"].device.type,
                      "scaler": run["scaler"].state_dict() if run["scaler"] else {},
                      "importance": run["importance"].state_dict() if run["importance"] else None,
-                     "epoch": epoch, "batch": batch, "step": step, "losses": losses, "config": vars(config)},
+                     "epoch": epoch, "batch": batch, "step": step, "losses": losses, "config": vars(config),
+                     "window": (window[0].cpu() if torch.is_tensor(window[0]) else window[0], window[1])},
                     models_dir / "train_state.pt")
     save_json(vars(config), models_dir / "config.json")  # the settings load_run and evaluate.py read
 
 
 def resume(state, run, log):
-    """Load a train_state.pt into the run's parts; returns its (epoch, batch, step, losses)."""
+    """Load a train_state.pt into the run's parts; returns its (epoch, batch, step, losses, loss sum, loss count):
+    the last two, the losses since the last readout, are on the generator's device."""
     load_weights(run["model"], state["model"], "train_state.pt (model)")
     load_weights(run["ema_model"], state["ema_model"], "train_state.pt (ema_model)")
     run["optimizer"].load_state_dict(state["optimizer"])  # (its learning rate is set before every step)
     run["ema"].step = state["ema_step"]
     if run["scaler"] is not None and state.get("scaler"):
         run["scaler"].load_state_dict(state["scaler"])
-    if run["importance"] is not None:
-        run["importance"].load_state_dict(state["importance"])
+    if run["importance"] is not None:  # (files written before importance.py hold a pair)
+        run["importance"].load_state_dict(state.get("importance") or dict(zip(("loss_square", "loss_count"),
+                                                                            state["timestep_losses"])))
     generator, device = run["generator"], run["generator"].device
-    if state["generator_device"] == device.type:
+    saved_on = state.get("generator_device") or (device.type if len(state["generator"]) == len(generator.get_state())
+                                                 else "another device")  # (older files: by the state's size)
+    if saved_on == device.type:
         generator.set_state(state["generator"])
     else:  # a CUDA generator's state does not fit a CPU generator: go on from a stream of (seed, step)
         generator.manual_seed(state["config"]["seed"] * 1_000_003 + state["step"])
-        log(f"resuming on {device.type} a run saved on {state['generator_device']}: its random draws go on from a "
+        log(f"resuming on {device.type} a run saved on {saved_on}: its random draws go on from a "
             f"new stream (seed {state['config']['seed']}, step {state['step']}), so they differ from an "
             f"uninterrupted run's")
     log(f"resuming models/{state['config']['run_name']} at epoch {state['epoch'] + 1}, step {state['step']}")
-    return state["epoch"], state["batch"], state["step"], state["losses"]
+    total, count = state.get("window", (0.0, 0))
+    return (state["epoch"], state["batch"], state["step"], state["losses"],
+            total.to(device) if torch.is_tensor(total) else total, count)
 
 
 def save_json(obj, path):

@@ -1,7 +1,7 @@
 """Denoising diffusion probabilistic models (Ho et al. 2020): unconditional training and sampling.
 
     python ddpm.py                                   # the built-in "shapes" data, no download
-    python ddpm.py config/tutorial.py                # the tutorial's setting (a preset: config/*.py)
+    python ddpm.py config/tutorial.py --run_name tutorial_uncond  # the tutorial's setting (a preset: config/)
     python ddpm.py --dataset cifar10 --img_size 64   # every UPPERCASE constant below is an option (--help)
 
 Below the constants: Diffusion (the forward process, Algorithm 2, DDIM and DPM-Solver++ sampling, classifier-free
@@ -56,7 +56,7 @@ LR_WARMUP = 200           # steps of linear warm-up from 0 to LR; tutorial: 0
 LR_SCHEDULE = "cosine"    # then "cosine" or "linear" decay to 0 at the last step, or "constant" (tutorial)
 OPTIMIZER = "adamw"       # "adamw" (tutorial) or "muon" (Muon for the weight matrices, AdamW for the rest)
 SAMPLER = "ddim"          # the sample grid's sampler: "ddim", "dpm++" (DPM-Solver++(2M)) or "ancestral" (tutorial)
-SAMPLE_STEPS = 20         # its steps (20: as good as 50); "ancestral" takes all 1000
+SAMPLE_STEPS = 20         # its steps (20: as good as 50; "ancestral" takes all 1000)
 # --- data and machine ---
 DATA_DIR = "data"         # where torchvision datasets are downloaded to / looked for
 NUM_IMAGES: int | None = None  # a fixed random subset of this many training images (None: all; "shapes": 10000)
@@ -346,8 +346,8 @@ def sample_grid(diffusion, ema_model, c, amp, device):
     """The 8 x 8 images written after each epoch, from the same noise every epoch (so the grids show progress)."""
     generator = torch.Generator(device).manual_seed(c.seed)
     with autocast(device, amp):
-        return diffusion.sample(ema_model, 64, steps=c.sample_steps, generator=generator, progress=False,
-                                sampler=c.sampler)
+        return diffusion.sample(ema_model, 64, steps=None if c.sampler == "ancestral" else c.sample_steps,
+                                generator=generator, progress=False, sampler=c.sampler)
 
 
 def train(config):
@@ -379,7 +379,8 @@ def train(config):
         generator = torch.Generator(device).manual_seed(c.seed)  # every random draw of training comes from it
         run = dict(model=model, ema_model=ema_model, optimizer=optimizer, ema=ema, scaler=scaler,
                    generator=generator, importance=importance)
-        epoch, batch, step, losses = resume(state, run, log) if state else (0, 0, 0, [])
+        # where the run stands; total and count: the losses since the last readout, summed on the device
+        epoch, batch, step, losses, total, count = resume(state, run, log) if state else (0, 0, 0, [], 0.0, 0)
         if epoch >= c.epochs:
             log(f"{models_dir} has already trained {epoch} epochs (--epochs {c.epochs}): nothing to do")
             return model, ema_model
@@ -399,7 +400,6 @@ def train(config):
             for epoch in range(epoch, c.epochs):
                 dataloader.sampler.set_epoch(epoch, start=batch)
                 pbar = tqdm(dataloader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, disable=rank != 0)
-                total, count = 0.0, 0  # the losses since the last readout, summed on the device
                 for images, _ in pbar:
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(c, step, len(dataloader))
@@ -407,14 +407,16 @@ def train(config):
                                         c, amp, scaler, importance, rank, world_size)
                     step, batch, count = step + 1, batch + 1, count + 1
                     stop = interrupted()  # Ctrl-C: a checkpoint at this step boundary, then stop
-                    save_now = stop or c.save_every and step % c.save_every == 0 and batch < len(dataloader)
+                    save_now = c.save_every and step % c.save_every == 0 and batch < len(dataloader)
                     if step % 25 == 0 or batch == len(dataloader) or save_now:  # a readout waits for the device
                         losses.append((step, mean_loss(total, count, world_size, step, models_dir)))  # NaN: stop
                         pbar.set_postfix(loss=f"{losses[-1][1]:.4f}")
                         log_loss(*losses[-1])
                         total, count = 0.0, 0
-                    if save_now and rank == 0:
-                        save_train_state(models_dir, c, run, epoch, batch, step, losses)
+                    if stop and count:
+                        mean_loss(total.clone(), count, world_size, step, models_dir)  # NaN: no save, stop
+                    if (save_now or stop) and rank == 0:
+                        save_train_state(models_dir, c, run, epoch, batch, step, losses, (total, count))
                     if stop:
                         sys.exit(f"stopped after step {step}, saved in {models_dir}: run the same command to resume")
                 pbar.close()

@@ -60,7 +60,7 @@ LR_WARMUP = 200           # steps of linear warm-up from 0 to LR; tutorial: 0
 LR_SCHEDULE = "cosine"    # then "cosine" or "linear" decay to 0 at the last step, or "constant" (tutorial)
 OPTIMIZER = "adamw"       # "adamw" (tutorial) or "muon" (Muon for the weight matrices, AdamW for the rest)
 SAMPLER = "ddim"          # the sample grid's sampler: "ddim", "dpm++" (DPM-Solver++(2M)) or "ancestral" (tutorial)
-SAMPLE_STEPS = 20         # its steps (20: as good as 50); "ancestral" takes all 1000
+SAMPLE_STEPS = 20         # its steps (20: as good as 50; "ancestral" takes all 1000)
 # --- data and machine ---
 DATA_DIR = "data"         # where torchvision datasets are downloaded to / looked for
 NUM_IMAGES: int | None = None  # a fixed random subset of this many training images (None: all; "shapes": 10000)
@@ -138,8 +138,9 @@ def sample_grid(diffusion, ema_model, c, amp, device):
     labels = grid_labels(c).to(device)
     generator = torch.Generator(device).manual_seed(c.seed)
     with autocast(device, amp):
-        return diffusion.sample(ema_model, len(labels), labels, c.cfg_scale, c.sample_steps, generator,
-                                progress=False, sampler=c.sampler)
+        return diffusion.sample(ema_model, len(labels), labels, c.cfg_scale,
+                                None if c.sampler == "ancestral" else c.sample_steps, generator, progress=False,
+                                sampler=c.sampler)
 
 
 def train(config):
@@ -172,7 +173,8 @@ def train(config):
         generator = torch.Generator(device).manual_seed(c.seed)  # every random draw of training comes from it
         run = dict(model=model, ema_model=ema_model, optimizer=optimizer, ema=ema, scaler=scaler,
                    generator=generator, importance=importance)
-        epoch, batch, step, losses = resume(state, run, log) if state else (0, 0, 0, [])
+        # where the run stands; total and count: the losses since the last readout, summed on the device
+        epoch, batch, step, losses, total, count = resume(state, run, log) if state else (0, 0, 0, [], 0.0, 0)
         if epoch >= c.epochs:
             log(f"{models_dir} has already trained {epoch} epochs (--epochs {c.epochs}): nothing to do")
             return model, ema_model
@@ -192,7 +194,6 @@ def train(config):
             for epoch in range(epoch, c.epochs):
                 dataloader.sampler.set_epoch(epoch, start=batch)
                 pbar = tqdm(dataloader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, disable=rank != 0)
-                total, count = 0.0, 0  # the losses since the last readout, summed on the device
                 for images, labels in pbar:
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(c, step, len(dataloader))
@@ -200,14 +201,16 @@ def train(config):
                                         labels.to(device), generator, c, amp, scaler, importance, rank, world_size)
                     step, batch, count = step + 1, batch + 1, count + 1
                     stop = interrupted()  # Ctrl-C: a checkpoint at this step boundary, then stop
-                    save_now = stop or c.save_every and step % c.save_every == 0 and batch < len(dataloader)
+                    save_now = c.save_every and step % c.save_every == 0 and batch < len(dataloader)
                     if step % 25 == 0 or batch == len(dataloader) or save_now:  # a readout waits for the device
                         losses.append((step, mean_loss(total, count, world_size, step, models_dir)))  # NaN: stop
                         pbar.set_postfix(loss=f"{losses[-1][1]:.4f}")
                         log_loss(*losses[-1])
                         total, count = 0.0, 0
-                    if save_now and rank == 0:
-                        save_train_state(models_dir, c, run, epoch, batch, step, losses)
+                    if stop and count:
+                        mean_loss(total.clone(), count, world_size, step, models_dir)  # NaN: no save, stop
+                    if (save_now or stop) and rank == 0:
+                        save_train_state(models_dir, c, run, epoch, batch, step, losses, (total, count))
                     if stop:
                         sys.exit(f"stopped after step {step}, saved in {models_dir}: run the same command to resume")
                 pbar.close()

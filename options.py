@@ -29,7 +29,7 @@ def parse_config(constants, argv=None, ignore=()):
         argv.remove(preset)
         for name, value in read_preset(preset, defaults, ignore).items():
             defaults[name] = parse_value(name.lower(), repr(value), defaults[name], annotations.get(name), preset)
-    args = vars(options_parser(constants, defaults).parse_args(argv))
+    args = vars(options_parser(constants, defaults, annotations).parse_args(argv))
     config = argparse.Namespace(**{name.lower(): default if args[name.lower()] is None else
                                    parse_value(name.lower(), args[name.lower()], default, annotations.get(name))
                                    for name, default in defaults.items()})
@@ -54,7 +54,7 @@ def read_preset(path, defaults, ignore=()):
     return values
 
 
-def options_parser(constants, defaults):
+def options_parser(constants, defaults, annotations=None):
     """An --option for each constant, its help the constant's comment in the script, grouped as the script groups
     them (its `# --- group ---` lines)."""
     parser = ErrorParser(description=constants.get("__doc__"), formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -65,7 +65,7 @@ def options_parser(constants, defaults):
         if title:
             group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         help = f"{comments.get(name, ('', ''))[1]} (default: {default!r})".strip().replace("%", "%%")
-        if type(default) is bool:
+        if type(default) is bool or bool in typing.get_args((annotations or {}).get(name)):  # FLIP: bool | None
             group.add_argument("--" + name.lower(), nargs="?", const="True", metavar="BOOL", help=help)
         else:
             group.add_argument("--" + name.lower(), metavar="VALUE", help=help)
@@ -153,6 +153,8 @@ def check_config(c):
         raise UserError(f"logger={c.logger!r}: expected None, 'tensorboard' or 'wandb'")
     if c.sampler not in ("ancestral", "ddim", "dpm++"):
         raise UserError(f"sampler={c.sampler!r}: expected 'ancestral', 'ddim' or 'dpm++'")
+    if c.sampler != "ancestral" and c.sample_steps > 1000:
+        raise UserError(f"sample_steps={c.sample_steps}: at most the 1000 steps of the noise schedule")
     if getattr(c, "attributes", None) is not None:
         attribute_names(c.attributes)  # a clear message for a malformed --attributes
     amp_dtype("cpu", c.amp)  # and for a bad --amp

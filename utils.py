@@ -78,12 +78,11 @@ def check_attention_memory(device, c, budget_gib=8):
         return
     height, width = (c.img_size, c.img_size) if isinstance(c.img_size, int) else c.img_size
     positions = height * width // min(c.attention) ** 2
-    micro_batch = c.batch_size // c.grad_accum if c.batch_size % c.grad_accum == 0 else c.batch_size
-    need = 2 * micro_batch * 4 * positions ** 2 * 4 / 2 ** 30  # scores and their gradient, 4 heads, fp32
+    need = 2 * c.batch_size * 4 * positions ** 2 * 4 / 2 ** 30  # a micro-batch's scores and their gradient, 4 heads
     if need > budget_gib:
         raise UserError(f"on Apple MPS, attention at 1/{min(c.attention)} resolution ({positions} positions) needs "
-                        f"about {need:.0f} GiB for a micro-batch of {micro_batch}: use --grad_accum (smaller "
-                        f"micro-batches), a smaller --batch_size, or --attention without {min(c.attention)}")
+                        f"about {need:.0f} GiB for a micro-batch of {c.batch_size}: use a smaller --batch_size (and "
+                        f"--grad_accum to keep the images a step), or --attention without {min(c.attention)}")
 
 
 def bf16_supported(device):
@@ -186,7 +185,7 @@ def make_logger(kind, run_name, config):
         import wandb
     except ImportError:
         raise UserError(f"logger='{kind}' needs the {kind} package: pip install {kind}") from None
-    wandb.init(project="ddpm", name=run_name, id=run_name, resume="allow", config=config, dir=".")
+    wandb.init(project="ddpm", name=run_name, config=config, dir=".")  # (a resumed run: a new W&B run, same name)
     return lambda step, loss: wandb.log({"loss": loss}, step=step)
 
 
@@ -349,8 +348,10 @@ def grid_image(images, nrow=8):
 
 def save_images(images, path, nrow=8):
     """Save uint8 images (n, C, H, W) as one grid image; the format follows the file's extension."""
-    image = grid_image(images, nrow)
-    replace_atomically(path, lambda tmp: image.save(tmp, format=Image.registered_extensions()[Path(path).suffix]))
+    image, suffix = grid_image(images, nrow), Path(path).suffix.lower()
+    if suffix not in Image.registered_extensions():
+        raise UserError(f"'{path}': name the image file with an extension, e.g. .png or .jpg")
+    replace_atomically(path, lambda tmp: image.save(tmp, format=Image.registered_extensions()[suffix]))
 
 
 def write_gif(frames, path, ms_per_frame=200, hold_last_ms=2000):

@@ -310,6 +310,8 @@ def test_constants_become_typed_command_line_options():
     with pytest.raises(UserError, match=r"unrecognized arguments: --epochz 3 \(did you mean --epochs\?\)"):
         parse_config({**constants, "EPOCHS": 24}, ["--epochz", "3"])  # an option that no constant defines
     assert parse_config(constants, ["--amp"]).amp is True  # a bare flag
+    import ddpm_conditional
+    assert parse_config(vars(ddpm_conditional), ["--flip"]).flip is True  # FLIP: bool | None = None
     assert parse_config({**constants, "ATTENTION": 8}, []).attention == (8,)  # ATTENTION = 8 edited in the file
 
 
@@ -408,9 +410,11 @@ def test_what_apple_mps_cannot_do_is_refused_with_what_to_change():
     assert grad_scaler(mps, None) is None and grad_scaler(torch.device("cpu"), torch.float16) is not None
     tutorial = argparse.Namespace(img_size=64, attention=(1, 2, 4, 8), batch_size=32, grad_accum=1)
     with pytest.raises(UserError, match=r"attention at 1/1 resolution \(4096 positions\) needs about 16 GiB for a "
-                                        r"micro-batch of 32: use --grad_accum"):
+                                        r"micro-batch of 32: use a smaller --batch_size \(and --grad_accum"):
         check_attention_memory(mps, tutorial)
-    check_attention_memory(mps, argparse.Namespace(**{**vars(tutorial), "grad_accum": 2}))  # 8 GiB: allowed
+    with pytest.raises(UserError, match="16 GiB"):  # GRAD_ACCUM adds micro-batches of BATCH_SIZE: no less memory
+        check_attention_memory(mps, argparse.Namespace(**{**vars(tutorial), "grad_accum": 2}))
+    check_attention_memory(mps, argparse.Namespace(**{**vars(tutorial), "batch_size": 16, "grad_accum": 2}))  # 8 GiB
     check_attention_memory(mps, argparse.Namespace(**{**vars(tutorial), "batch_size": 14}))  # the tutorial's: 7
     check_attention_memory(torch.device("cpu"), tutorial)  # fused kernels elsewhere
 
@@ -426,3 +430,8 @@ def test_plot_images_without_a_display_saves_the_grid_and_leaves_no_figure_open(
     assert Image.open(tmp_path / "samples.png").size == (2 + 4 * 10, 2 + 10)
     assert capsys.readouterr().out.count(f"no display here: the images are in {tmp_path / 'samples.png'}") == 3
     assert plt.get_fignums() == []
+    from utils import save_images
+    with pytest.raises(UserError, match="name the image file with an extension"):
+        save_images(images, tmp_path / "samples")
+    save_images(images, tmp_path / "samples.JPG")
+    assert Image.open(tmp_path / "samples.JPG").format == "JPEG"

@@ -651,8 +651,8 @@ def test_ctrl_c_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_path):
     whole = tmp_path / "whole"
     whole.mkdir()
     run("ddpm.py", *args, cwd=whole)
-    a, b = final_state(tmp_path, "ddpm.py"), final_state(whole, "ddpm.py")
-    assert all(torch.equal(a["ema_model"][k], b["ema_model"][k]) for k in a["ema_model"]) and a["step"] == 120
+    assert final_state(tmp_path, "ddpm.py")["step"] == 120  # the logged losses too: the window since the last
+    assert_same_training(final_state(tmp_path, "ddpm.py"), final_state(whole, "ddpm.py"))  # readout was saved
 
 
 def test_a_run_that_fails_leaves_no_empty_folders_and_a_missing_run_is_named(tmp_path, monkeypatch):
@@ -731,3 +731,31 @@ def test_no_file_imports_one_that_imports_it_back():
 
     assert imports["ddpm_conditional"] >= {"ddpm"} and "training" not in files
     assert [name for name in files if reaches(name, name)] == []
+
+
+def test_a_train_state_of_the_version_before_resumes(tmp_path, uninterrupted):
+    """train_state.pt files written before importance.py (the sampler's losses as a pair under "timestep_losses")
+    and before "generator_device" and the loss window: the run resumes, as exactly as ever."""
+    run("ddpm_conditional.py", "--epochs", "2", cwd=tmp_path)
+    path = tmp_path / "models" / "DDPM_conditional" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["timestep_losses"] = (state["importance"]["loss_square"], state["importance"]["loss_count"])
+    for key in ("importance", "generator_device", "window"):
+        del state[key]
+    torch.save(state, path)
+    assert "new stream" not in run("ddpm_conditional.py", "--epochs", "3", cwd=tmp_path).stdout
+    assert_same_training(final_state(tmp_path, "ddpm_conditional.py"),
+                         final_state(uninterrupted["ddpm_conditional.py"], "ddpm_conditional.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_grid_with_the_ancestral_sampler_takes_every_step_whatever_sample_steps_says(script):
+    """SAMPLER = "ancestral" (the tutorial preset's) with SAMPLE_STEPS 20: every step, not a refusal after epoch 1."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    config = argparse.Namespace(seed=0, sampler="ancestral", sample_steps=20, multi_label=False, num_classes=6,
+                                cfg_scale=3.0)
+    diffusion = Diffusion(noise_steps=10, img_size=8, device="cpu")
+    model = (UNet_conditional(num_classes=6, width=8, attention=()) if script == "ddpm_conditional.py" else
+             __import__("modules").UNet(width=8, attention=()))
+    images = module.sample_grid(diffusion, model, config, None, torch.device("cpu"))
+    assert images.shape[1:] == (3, 8, 8) and images.dtype == torch.uint8
