@@ -414,7 +414,7 @@ def train(config):
                         log_loss(*losses[-1])
                         total, count = 0.0, 0
                     if stop and count:
-                        mean_loss(total.clone(), count, world_size, step, models_dir)  # NaN: no save, stop
+                        mean_loss(total, count, world_size, step, models_dir)  # NaN: no save, stop
                     if (save_now or stop) and rank == 0:
                         save_train_state(models_dir, c, run, epoch, batch, step, losses, (total, count))
                     if stop:

@@ -3,9 +3,9 @@ ddpm_conditional.py config/tutorial.py`), then `--name VALUE`; --help shows each
 grouped as the script groups them; check_config says what is wrong with a setting before anything starts."""
 import argparse
 import ast
-import json
 import contextlib
 import difflib
+import json
 import re
 import sys
 import typing

@@ -1,6 +1,6 @@
 """The plumbing both training scripts share, each piece with one job: devices and precision, the data loader
-(get_data), torchrun, checkpoint files and exact resume, the command-line options and presets, images and plots.
-The datasets themselves are in data.py."""
+(get_data), the training loop's helpers, torchrun, sampling's inputs and outputs, images and plots. The datasets are
+in data.py, the checkpoint files in checkpoints.py, the options and presets in options.py."""
 import contextlib
 import math
 import os
@@ -170,6 +170,10 @@ def get_data(dataset, batch_size, seed=0, device="cpu", rank=0, world_size=1, nu
                                        persistent_workers=num_workers > 0)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The loop's helpers: the loss log, the learning rate, the loss readout, Ctrl-C
+# ---------------------------------------------------------------------------------------------------------------
+
 def make_logger(kind, run_name, config):
     """log(step, loss) beside loss.png: to TensorBoard (runs/<run_name>/, as the tutorial logs) or to Weights &
     Biases (offline too: WANDB_MODE=offline); kind None: nowhere. Neither package is required otherwise."""
@@ -214,6 +218,28 @@ def mean_loss(total, steps, world_size, step, models_dir):
     return loss
 
 
+@contextlib.contextmanager
+def save_and_stop_on_ctrl_c(enabled=True):
+    """Yields interrupted(): whether Ctrl-C (SIGINT) was pressed since, so that the loop saves a checkpoint at the
+    next step boundary and stops; a second Ctrl-C stops at once. Under torchrun (enabled False) Ctrl-C stops at
+    once: the processes would not stop at the same step."""
+    pressed = []
+
+    def handler(signum, frame):
+        pressed.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler) if enabled else None
+    except ValueError:  # not the main thread: Ctrl-C stops at once
+        previous = None
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torchrun: one process per GPU (or CPU process), each with its slice of every global batch
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,28 +266,6 @@ def distributed(device):
 
 
 @contextlib.contextmanager
-def save_and_stop_on_ctrl_c(enabled=True):
-    """Yields interrupted(): whether Ctrl-C (SIGINT) was pressed since, so that the loop saves a checkpoint at the
-    next step boundary and stops; a second Ctrl-C stops at once. Under torchrun (enabled False) Ctrl-C stops at
-    once: the processes would not stop at the same step."""
-    pressed = []
-
-    def handler(signum, frame):
-        pressed.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler) if enabled else None
-    except ValueError:  # not the main thread: Ctrl-C stops at once
-        previous = None
-    try:
-        yield lambda: bool(pressed)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
-@contextlib.contextmanager
 def local_rank_zero_first():
     """Under torchrun, the first process of each machine runs the block first (a download, an extraction), the
     others after it (reading what it wrote); without torchrun, just the block."""
@@ -281,6 +285,10 @@ def all_gather(x, world_size):
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: images in and out, labels checked
+# ---------------------------------------------------------------------------------------------------------------
 
 def to_images(x):
     """Floats in [-1, 1] -> uint8 images in [0, 255], rounded."""
