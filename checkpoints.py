@@ -44,7 +44,7 @@ def save_train_state(models_dir, config, run, epoch, batch, step, losses, window
     weights, ema_weights = cpu_state(run["model"]), cpu_state(run["ema_model"])
     save_checkpoint(weights, models_dir / "ckpt.pt")
     save_checkpoint(ema_weights, models_dir / "ema_ckpt.pt")
-    save_checkpoint({"model": weights, "ema_model": ema_weights, "optimizer": run["optimizer"].state_dict(),
+    save_checkpoint({"model": weights, "ema_model": ema_weights, "optimizer": on_cpu(run["optimizer"].state_dict()),
                      "ema_step": run["ema"].step, "generator": run["generator"].get_state(),
                      "generator_device": run["generator"].device.type,
                      "scaler": run["scaler"].state_dict() if run["scaler"] else {},
@@ -83,12 +83,34 @@ def resume(state, run, log):
             total.to(device) if torch.is_tensor(total) else total, count)
 
 
+def export_run(run, folder):
+    """A trained run's EMA weights in half precision (half the size; loading casts them back to the model's float32)
+    and its config.json, into `folder`: what pretrained/ ships, loaded as any run is, by load_run(folder).
+
+        python -c "from checkpoints import export_run; export_run('models/DDPM_conditional', 'pretrained/shapes')"
+    """
+    weights = read_checkpoint(Path(run) / "ema_ckpt.pt")
+    save_checkpoint({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
+                    Path(folder) / "ema_ckpt.pt")
+    save_json(json.loads((Path(run) / "config.json").read_text()), Path(folder) / "config.json")
+
+
 def save_json(obj, path):
     replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
 def cpu_state(model):
     return {k: v.cpu() for k, v in model.state_dict().items()}
+
+
+def on_cpu(state):
+    """An optimizer's state_dict with its tensors on the CPU (fused AdamW keeps its `step` counts on the GPU; loading
+    puts each back where its parameter is)."""
+    if torch.is_tensor(state):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: on_cpu(v) for k, v in state.items()}
+    return type(state)(on_cpu(v) for v in state) if isinstance(state, (list, tuple)) else state
 
 
 def save_checkpoint(obj, path):
@@ -113,6 +135,9 @@ def load_weights(model, path_or_state, name=None):
     state = read_checkpoint(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
     if not isinstance(state, dict):
         raise UserError(f"checkpoint '{name}' holds a {type(state).__name__}, not a state dict")
+    if {"model", "ema_model", "optimizer"} <= state.keys():
+        raise UserError(f"'{name}' is a train_state.pt (all that a resume needs), not a model's weights: load the "
+                        f"run's folder or its ema_ckpt.pt (or ckpt.pt)")
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     problems = []

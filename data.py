@@ -53,13 +53,13 @@ class ImageFiles(torch.utils.data.Dataset):
     resized a batch at a time.
 
     Channels: 1 if the first readable image is grayscale, else 3, unless given. An unreadable image is named in a
-    one-line warning (once) and replaced by the next readable one, with its label: a batch keeps its size (under
-    torchrun every process's must).
+    one-line warning (once, whichever data loader worker meets it: the flags are in shared memory) and replaced by
+    the next readable one, with its label: a batch keeps its size (under torchrun every process's must).
     """
 
     def __init__(self, paths, labels, classes, img_size, channels=None):
         self.paths, self.labels, self.classes, self.img_size = list(paths), labels, list(classes), img_size
-        self.unreadable = set()
+        self.warned = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
         self.channels = channels or (1 if self.read(0)[1].mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
 
     def __len__(self):
@@ -73,9 +73,9 @@ class ImageFiles(torch.utils.data.Dataset):
                     image.load()
                     return j, image
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                if j not in self.unreadable:
-                    self.unreadable.add(j)
-                    print(f"warning: skipping unreadable image '{self.paths[j]}' ({e})", file=sys.stderr)
+                if not self.warned[j]:
+                    self.warned[j] = True  # (a line of its own: a progress bar may be on the current one)
+                    print(f"\nwarning: skipping unreadable image '{self.paths[j]}' ({e})", file=sys.stderr)
         raise UserError(f"none of the {len(self.paths)} images (e.g. '{self.paths[0]}') can be read")
 
     def __getitem__(self, indices):
@@ -132,6 +132,8 @@ def load_dataset(dataset, img_size, channels=None, split="train", data_dir="data
     comma-separated names of the attributes to keep, in that order (None: all).
     """
     size = image_size(img_size)
+    if num_images is not None and (type(num_images) is not int or num_images < 1):
+        raise UserError(f"num_images={num_images!r}: expected a number of images, 1 or more (None: all)")
     if dataset in ("shapes", "multishapes"):
         count = num_images or (SHAPES_TRAIN_IMAGES if split == "train" else SHAPES_TEST_IMAGES)
         draw = draw_shapes if dataset == "shapes" else draw_multishapes
@@ -177,7 +179,7 @@ def in_memory(data):
 
 def subset_files(data, keep):
     data.paths = [data.paths[i] for i in keep.tolist()]
-    data.labels = data.labels[keep]
+    data.labels, data.warned = data.labels[keep], data.warned[keep].share_memory_()
     return data
 
 

@@ -1,7 +1,7 @@
 """Denoising diffusion probabilistic models (Ho et al. 2020): unconditional training and sampling.
 
     python ddpm.py                                   # the built-in "shapes" data, no download
-    python ddpm.py config/tutorial.py --run_name tutorial_uncond  # the tutorial's setting (a preset: config/)
+    python ddpm.py config/tutorial.py                # the tutorial's setting (config/: presets): models/tutorial_uncond
     python ddpm.py --dataset cifar10 --img_size 64   # every UPPERCASE constant below is an option (--help)
 
 Below the constants: Diffusion (the forward process, Algorithm 2, DDIM and DPM-Solver++ sampling, classifier-free
@@ -14,6 +14,7 @@ import argparse
 import copy
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,10 +26,10 @@ from data import UserError, complete_config, image_size, load_dataset
 from importance import ImportanceSampler
 from modules import EMA, UNet, UNet_conditional, make_optimizer
 from options import check_config, clear_errors, parse_config, read_config
-from utils import (all_gather, amp_dtype, autocast, check_attention_memory, check_labels, distributed, from_images,
-                   get_data, grad_scaler, learning_rate, local_rank_zero_first, make_logger, mean_loss, pick_device,
-                   plot_images, save_and_stop_on_ctrl_c, save_images, save_loss_plot, save_progress_gif, setup_logging,
-                   to_images)
+from utils import (all_gather, amp_dtype, autocast, check_attention_memory, check_cfg_scale, check_labels,
+                   distributed, from_images, get_data, grad_scaler, learning_rate, local_rank_zero_first, make_logger,
+                   mean_loss, no_sync, pick_device, plot_images, save_and_stop_on_ctrl_c, save_images, save_loss_plot,
+                   save_progress_gif, setup_logging, time_left, to_images)
 
 __all__ = ["Diffusion", "UNet", "load_run", "plot_images", "save_images"]  # from ddpm import *
 
@@ -67,8 +68,8 @@ SEED = 0
 DEVICE = "auto"           # "auto": CUDA, else Apple MPS, else CPU; or "cpu", "cuda", "cuda:1", "mps"
 AMP: bool | str = True    # mixed precision: bf16 where native, fp16 on older CUDA GPUs, else fp32; or "bf16", "fp16"
 COMPILE = False           # torch.compile the model
-LOGGER: str | None = None  # the loss beside loss.png: "tensorboard" (runs/<RUN_NAME>/, as the tutorial) or "wandb"
-                           # (offline: WANDB_MODE=offline); each needs its package
+LOGGER: str | None = None  # the loss, LR and sample grids also to "tensorboard" (runs/<RUN_NAME>/, as the tutorial)
+                           # or "wandb" (offline: WANDB_MODE=offline); each needs its package
 
 
 class Diffusion:
@@ -143,8 +144,9 @@ class Diffusion:
                frames_every=None):
         """n images as uint8 (n, C, H, W) from pure noise: sampler "ancestral" (Algorithm 2, all T steps), or `steps`
         steps of deterministic "ddim" or "dpm++" (DPM-Solver++(2M)); None: ancestral if steps is None, else DDIM.
-        labels: class indices (n,) (-1: none) or multi-hot vectors (n, classes), or None; cfg_scale: the guidance (1:
-        conditional, 0: unconditional). frames_every=k: (images, the predicted x_0 every k steps): an animation."""
+        labels: class indices (n,) (-1: none, the unconditional model) or multi-hot vectors (n, classes), or None;
+        cfg_scale: the guidance, as in the tutorial (0 or 1: the conditional model, unguided; above 1: guided).
+        frames_every=k: (images, the predicted x_0 every k steps): an animation."""
         x = torch.randn((n, self.channels, *self.img_size), device=self.device, generator=generator)
         out = self.denoise(model, x, labels, cfg_scale, steps, generator, progress, sampler, frames_every=frames_every)
         return (to_images(out[0]), out[1]) if frames_every else to_images(out)
@@ -155,6 +157,7 @@ class Diffusion:
         """The reverse process from x = x_t at timestep index `start` (None: T - 1, pure noise) down to x_0 (floats,
         about [-1, 1]), as sample describes it."""
         labels, model = check_labels(model, labels, len(x), self.device), model.to(self.device)  # (one device)
+        check_cfg_scale(cfg_scale)
         start = self.noise_steps - 1 if start is None else start
         sampler = sampler or ("ancestral" if steps is None else "ddim")
         timesteps = self.sampler_timesteps(steps, sampler, start)
@@ -203,14 +206,14 @@ class Diffusion:
 
     def guided_output(self, model, x, t, labels, cfg_scale):
         """The network's output with classifier-free guidance: out_u + s (out_c - out_u) (Ho & Salimans 2022, eq. 6,
-        with s = 1 + w). For eps it is their formula; v and x_0 are affine in eps at fixed x_t, so it is the same."""
+        with s = 1 + w). For eps it is their formula; v and x_0 are affine in eps at fixed x_t, so it is the same.
+        As the tutorial guides only when cfg_scale > 0, 0 is the conditional model too (the unconditional one: labels
+        None or -1)."""
         if labels is None:
             return model(x, t)
-        if cfg_scale == 1:
+        if cfg_scale in (0, 1):
             return model(x, t, labels)
         null = torch.zeros_like(labels) if labels.is_floating_point() else torch.full_like(labels, -1)
-        if cfg_scale == 0:
-            return model(x, t, null)
         eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)  # one pass
         return eps_u + cfg_scale * (eps_c - eps_u)
 
@@ -323,8 +326,9 @@ def train_step(model, ema_model, ema, optimizer, diffusion, images, generator, c
     x_t, noise = diffusion.noise_images(x0, t, noise)
     optimizer.zero_grad(set_to_none=True)
     micro, total, losses = n // c.grad_accum, 0.0, []  # GRAD_ACCUM micro-batches: their gradients add up
-    for part in (slice(i, i + micro) for i in range(0, n, micro)):
-        with autocast(device, amp):
+    for i in range(0, n, micro):
+        part = slice(i, i + micro)
+        with no_sync(model, last_micro_batch=i + micro >= n), autocast(device, amp):  # torchrun: one all-reduce
             predicted = model(x_t[part], t[part])
         losses.append(diffusion.loss(predicted, x0[part], noise[part], t[part]))  # line 5, one per sample
         weight = 1.0 if importance is None else importance.weight(t[part])
@@ -380,8 +384,10 @@ def train(config):
         run = dict(model=model, ema_model=ema_model, optimizer=optimizer, ema=ema, scaler=scaler,
                    generator=generator, importance=importance)
         # where the run stands; total and count: the losses since the last readout, summed on the device
-        epoch, batch, step, losses, total, count = resume(state, run, log) if state else (0, 0, 0, [], 0.0, 0)
-        if epoch >= c.epochs:
+        finished = state is not None and state["epoch"] >= c.epochs  # (then no "resuming")
+        epoch, batch, step, losses, total, count = resume(state, run, (lambda *args: None) if finished else log) \
+            if state else (0, 0, 0, [], 0.0, 0)
+        if finished:
             log(f"{models_dir} has already trained {epoch} epochs (--epochs {c.epochs}): nothing to do")
             return model, ema_model
 
@@ -395,23 +401,26 @@ def train(config):
             f" parameters, on {device}{f' with {str(amp)[6:]} autocast' if amp else ''}" + (
                 f", torchrun: {world_size} processes ({torch.distributed.get_backend()}), global batch "
                 f"{world_size * batch_size}" if torchrun else ""))
-        log_loss = make_logger(c.logger, c.run_name, vars(c)) if rank == 0 else lambda step, loss: None
-        with save_and_stop_on_ctrl_c(enabled=not torchrun) as interrupted:
+        logger = make_logger(c.logger, c.run_name, vars(c)) if rank == 0 else lambda step, scalars, images=None: None
+        with save_and_stop_on_ctrl_c(models_dir, enabled=not torchrun) as interrupted:
+            started, first_step = time.perf_counter(), step  # the pace so far: the time left
             for epoch in range(epoch, c.epochs):
                 dataloader.sampler.set_epoch(epoch, start=batch)
                 pbar = tqdm(dataloader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, disable=rank != 0)
                 for images, _ in pbar:
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(c, step, len(dataloader))
-                    total += train_step(train_model, ema_model, ema, optimizer, diffusion, images.to(device), generator,
-                                        c, amp, scaler, importance, rank, world_size)
+                    images = images.to(device, non_blocking=True)  # (from pinned memory: an asynchronous copy)
+                    total += train_step(train_model, ema_model, ema, optimizer, diffusion, images, generator, c, amp,
+                                        scaler, importance, rank, world_size)
                     step, batch, count = step + 1, batch + 1, count + 1
                     stop = interrupted()  # Ctrl-C: a checkpoint at this step boundary, then stop
                     save_now = c.save_every and step % c.save_every == 0 and batch < len(dataloader)
                     if step % 25 == 0 or batch == len(dataloader) or save_now:  # a readout waits for the device
                         losses.append((step, mean_loss(total, count, world_size, step, models_dir)))  # NaN: stop
-                        pbar.set_postfix(loss=f"{losses[-1][1]:.4f}")
-                        log_loss(*losses[-1])
+                        pbar.set_postfix(loss=f"{losses[-1][1]:.4f}", run_left=time_left(
+                            started, step - first_step, c.epochs * len(dataloader) - step))
+                        logger(step, {"loss": losses[-1][1], "lr": optimizer.param_groups[0]["lr"]})
                         total, count = 0.0, 0
                     if stop and count:
                         mean_loss(total, count, world_size, step, models_dir)  # NaN: no save, stop
@@ -423,7 +432,9 @@ def train(config):
                 batch = 0
                 if rank == 0:
                     save_train_state(models_dir, c, run, epoch + 1, 0, step, losses)
-                    save_images(sample_grid(diffusion, ema_model, c, amp, device), results_dir / f"{epoch + 1}.jpg")
+                    grid = sample_grid(diffusion, ema_model, c, amp, device)
+                    save_images(grid, results_dir / f"{epoch + 1}.jpg")
+                    logger(step, {}, images=grid)  # TensorBoard's Images tab, or W&B
                     save_progress_gif(results_dir, epoch + 1)
                     save_loss_plot(losses, results_dir / "loss.png")
         log(f"done: {models_dir}/ema_ckpt.pt, sample grids in {results_dir}/")
@@ -462,4 +473,5 @@ def load_run(run, device=None):
 
 if __name__ == "__main__":
     with clear_errors():  # bad input: one line, no traceback
-        train(parse_config(globals(), ignore=("NUM_CLASSES", "ATTRIBUTES", "CFG_DROP", "CFG_SCALE")))
+        train(parse_config(globals(), ignore=("NUM_CLASSES", "ATTRIBUTES", "CFG_DROP", "CFG_SCALE"),
+                           preset_run_suffix="_uncond"))  # config/fashion_mnist.py: models/fashion_uncond

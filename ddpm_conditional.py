@@ -15,6 +15,7 @@ loss curve: results/<RUN_NAME>/. Running the same command again resumes.
 import argparse
 import copy
 import sys
+import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -27,8 +28,8 @@ from importance import ImportanceSampler
 from modules import EMA, UNet_conditional, make_optimizer
 from options import check_config, clear_errors, parse_config
 from utils import (all_gather, amp_dtype, autocast, check_attention_memory, distributed, get_data, grad_scaler,
-                   learning_rate, local_rank_zero_first, make_logger, mean_loss, plot_images, save_and_stop_on_ctrl_c,
-                   save_images, save_loss_plot, save_progress_gif, setup_logging)
+                   learning_rate, local_rank_zero_first, make_logger, mean_loss, no_sync, plot_images,
+                   save_and_stop_on_ctrl_c, save_images, save_loss_plot, save_progress_gif, setup_logging, time_left)
 
 __all__ = ["Diffusion", "EMA", "UNet_conditional", "load_run", "plot_images", "save_images"]
 
@@ -45,7 +46,7 @@ EPOCHS = 24               # tutorial: 300
 BATCH_SIZE = 16           # images a step; tutorial: 14. On a CPU more steps beat bigger batches
 LR = 2e-3                 # peak learning rate; tutorial: 3e-4
 CFG_DROP = 0.1            # probability that a sample's label is replaced by the null condition
-CFG_SCALE = 3.0           # guidance scale of the sample grids: 1 conditional, 0 unconditional, >1 guided
+CFG_SCALE = 3.0           # guidance scale of the sample grids: 0 or 1 conditional (unguided), >1 guided
 EMA_BETA = 0.99           # EMA decay, matched to a short run; tutorial: 0.995
 EMA_START = 300           # steps during which the EMA model just copies the weights; tutorial: 2000
 # --- beyond the tutorial: the measured recipe (docs/measurements.md) ---
@@ -72,8 +73,8 @@ SEED = 0
 DEVICE = "auto"           # "auto": CUDA, else Apple MPS, else CPU; or "cpu", "cuda", "cuda:1", "mps"
 AMP: bool | str = True    # mixed precision: bf16 where native, fp16 on older CUDA GPUs, else fp32; or "bf16", "fp16"
 COMPILE = False           # torch.compile the model
-LOGGER: str | None = None  # the loss beside loss.png: "tensorboard" (runs/<RUN_NAME>/, as the tutorial) or "wandb"
-                           # (offline: WANDB_MODE=offline); each needs its package
+LOGGER: str | None = None  # the loss, LR and sample grids also to "tensorboard" (runs/<RUN_NAME>/, as the tutorial)
+                           # or "wandb" (offline: WANDB_MODE=offline); each needs its package
 
 
 def drop_labels(labels, p, generator=None, rank=0, world_size=1):
@@ -102,8 +103,9 @@ def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, gene
     labels = drop_labels(labels, c.cfg_drop, generator, rank, world_size)  # each sample's, with probability CFG_DROP
     optimizer.zero_grad(set_to_none=True)
     micro, total, losses = n // c.grad_accum, 0.0, []  # GRAD_ACCUM micro-batches: their gradients add up
-    for part in (slice(i, i + micro) for i in range(0, n, micro)):
-        with autocast(device, amp):
+    for i in range(0, n, micro):
+        part = slice(i, i + micro)
+        with no_sync(model, last_micro_batch=i + micro >= n), autocast(device, amp):  # torchrun: one all-reduce
             predicted = model(x_t[part], t[part], labels[part])
         losses.append(diffusion.loss(predicted, x0[part], noise[part], t[part]))  # line 5, one per sample
         weight = 1.0 if importance is None else importance.weight(t[part])
@@ -174,8 +176,10 @@ def train(config):
         run = dict(model=model, ema_model=ema_model, optimizer=optimizer, ema=ema, scaler=scaler,
                    generator=generator, importance=importance)
         # where the run stands; total and count: the losses since the last readout, summed on the device
-        epoch, batch, step, losses, total, count = resume(state, run, log) if state else (0, 0, 0, [], 0.0, 0)
-        if epoch >= c.epochs:
+        finished = state is not None and state["epoch"] >= c.epochs  # (then no "resuming")
+        epoch, batch, step, losses, total, count = resume(state, run, (lambda *args: None) if finished else log) \
+            if state else (0, 0, 0, [], 0.0, 0)
+        if finished:
             log(f"{models_dir} has already trained {epoch} epochs (--epochs {c.epochs}): nothing to do")
             return model, ema_model
 
@@ -189,23 +193,26 @@ def train(config):
             f" parameters, on {device}{f' with {str(amp)[6:]} autocast' if amp else ''}" + (
                 f", torchrun: {world_size} processes ({torch.distributed.get_backend()}), global batch "
                 f"{world_size * batch_size}" if torchrun else ""))
-        log_loss = make_logger(c.logger, c.run_name, vars(c)) if rank == 0 else lambda step, loss: None
-        with save_and_stop_on_ctrl_c(enabled=not torchrun) as interrupted:
+        logger = make_logger(c.logger, c.run_name, vars(c)) if rank == 0 else lambda step, scalars, images=None: None
+        with save_and_stop_on_ctrl_c(models_dir, enabled=not torchrun) as interrupted:
+            started, first_step = time.perf_counter(), step  # the pace so far: the time left
             for epoch in range(epoch, c.epochs):
                 dataloader.sampler.set_epoch(epoch, start=batch)
                 pbar = tqdm(dataloader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, disable=rank != 0)
                 for images, labels in pbar:
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(c, step, len(dataloader))
-                    total += train_step(train_model, ema_model, ema, optimizer, diffusion, images.to(device),
-                                        labels.to(device), generator, c, amp, scaler, importance, rank, world_size)
+                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    total += train_step(train_model, ema_model, ema, optimizer, diffusion, images, labels, generator,
+                                        c, amp, scaler, importance, rank, world_size)
                     step, batch, count = step + 1, batch + 1, count + 1
                     stop = interrupted()  # Ctrl-C: a checkpoint at this step boundary, then stop
                     save_now = c.save_every and step % c.save_every == 0 and batch < len(dataloader)
                     if step % 25 == 0 or batch == len(dataloader) or save_now:  # a readout waits for the device
                         losses.append((step, mean_loss(total, count, world_size, step, models_dir)))  # NaN: stop
-                        pbar.set_postfix(loss=f"{losses[-1][1]:.4f}")
-                        log_loss(*losses[-1])
+                        pbar.set_postfix(loss=f"{losses[-1][1]:.4f}", run_left=time_left(
+                            started, step - first_step, c.epochs * len(dataloader) - step))
+                        logger(step, {"loss": losses[-1][1], "lr": optimizer.param_groups[0]["lr"]})
                         total, count = 0.0, 0
                     if stop and count:
                         mean_loss(total, count, world_size, step, models_dir)  # NaN: no save, stop
@@ -217,7 +224,9 @@ def train(config):
                 batch = 0
                 if rank == 0:
                     save_train_state(models_dir, c, run, epoch + 1, 0, step, losses)
-                    save_images(sample_grid(diffusion, ema_model, c, amp, device), results_dir / f"{epoch + 1}.jpg")
+                    grid = sample_grid(diffusion, ema_model, c, amp, device)
+                    save_images(grid, results_dir / f"{epoch + 1}.jpg")
+                    logger(step, {}, images=grid)  # TensorBoard's Images tab, or W&B
                     save_progress_gif(results_dir, epoch + 1)
                     save_loss_plot(losses, results_dir / "loss.png")
         log(f"done: {models_dir}/ema_ckpt.pt, sample grids in {results_dir}/")

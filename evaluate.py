@@ -28,8 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import ImageTensors, UserError, attribute_names, default_flip, image_size, in_memory, load_dataset
-from ddpm import load_run, read_config
+from tqdm import tqdm
+
 from checkpoints import load_weights
+from ddpm import load_run, read_config
+from options import clear_errors
 from utils import amp_dtype, autocast, pick_device
 
 TF_FID_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # the file torchmetrics (torch-fidelity) loads for FID
@@ -78,7 +81,7 @@ def get_classifier(train, path, device, amp_dtype=None, flip=True, epochs=4, max
     model = Classifier(train.channels, len(train.classes)).to(device)
     if path.exists():
         return load_weights(model, path).eval()
-    print(f"training a classifier on {len(train)} real images (cached as {path})")
+    print(f"training a classifier on {len(train)} real images, once: it is cached as {path}")
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     images, labels = train.images.to(device), train.labels.to(device)
@@ -87,7 +90,7 @@ def get_classifier(train, path, device, amp_dtype=None, flip=True, epochs=4, max
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     model.train()
     start = time.perf_counter()
-    for step in range(steps):
+    for step in tqdm(range(steps), desc="classifier", leave=False):
         batch = torch.randint(0, len(train), (batch_size,), device=device)
         x = images[batch]
         if flip:
@@ -324,7 +327,7 @@ def main(argv=None):
     parser.add_argument("--cfg_scale", type=float, default=3)
     parser.add_argument("--steps", type=int, default=50, help="sampler steps; 1000 (= T) is the ancestral sampler")
     parser.add_argument("--sampler", default="ddim", help="ddim or dpm++ (DPM-Solver++(2M))")
-    parser.add_argument("--sweep", action="store_true", help="also sweep cfg_scale (0,1,2,3,5) and steps: DDIM "
+    parser.add_argument("--sweep", action="store_true", help="also sweep cfg_scale (1,2,3,5) and steps: DDIM "
                                                              "10,20,50,100, DPM++ 10,20,50, ancestral; a table and "
                                                              "a PNG plot")
     parser.add_argument("--ode_error", type=int, default=0, metavar="N",
@@ -334,10 +337,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every figure to this JSON file")
     args = parser.parse_args(argv)
-    try:
+    with clear_errors():  # bad input: one line; Ctrl-C: one line
         evaluate(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
 
 
 def evaluate(args):
@@ -423,7 +424,7 @@ def evaluate(args):
 
     if args.sweep:
         rows = []
-        scales = (0, 1, 2, 3, 5) if conditional else (1,)
+        scales = (1, 2, 3, 5) if conditional else (1,)
         for scale in scales:
             rows.append({"sweep": "cfg_scale", **run(scale, args.steps, args.sampler)[0]})
         for sampler, steps in [("ddim", s) for s in (10, 20, 50, 100)] + [("dpm++", s) for s in (10, 20, 50)] + \

@@ -12,15 +12,16 @@ import typing
 from pathlib import Path
 
 from data import UserError, attribute_names, image_size
-from utils import amp_dtype
+from utils import amp_dtype, check_cfg_scale
 
 
-def parse_config(constants, argv=None, ignore=()):
+def parse_config(constants, argv=None, ignore=(), preset_run_suffix=""):
     """A script's UPPERCASE constants as a namespace of lower-case names, overridden first by preset files (nanoGPT's
     configurator: `python ddpm_conditional.py config/tutorial.py` runs the file and takes the constants it sets),
     then by `--name VALUE` options. VALUE is a Python literal (64, 3e-4, True, None, "1,2,4,8") or else a string, of
     the constant's type (its annotation's, when it has one); a bare `--flag` is True. `ignore`: constant names a
-    preset may set that this script has not (the conditional script's, in ddpm.py)."""
+    preset may set that this script has not (the conditional script's, in ddpm.py); `preset_run_suffix`: added to
+    a preset's RUN_NAME, so that the two scripts' runs of one preset have folders of their own (ddpm.py: "_uncond")."""
     argv = sys.argv[1:] if argv is None else list(argv)
     defaults = {name: value for name, value in constants.items()
                 if name.isupper() and isinstance(value, (bool, int, float, str, tuple, type(None)))}
@@ -29,6 +30,8 @@ def parse_config(constants, argv=None, ignore=()):
         argv.remove(preset)
         for name, value in read_preset(preset, defaults, ignore).items():
             defaults[name] = parse_value(name.lower(), repr(value), defaults[name], annotations.get(name), preset)
+            if name == "RUN_NAME":
+                defaults[name] += preset_run_suffix
     args = vars(options_parser(constants, defaults, annotations).parse_args(argv))
     config = argparse.Namespace(**{name.lower(): default if args[name.lower()] is None else
                                    parse_value(name.lower(), args[name.lower()], default, annotations.get(name))
@@ -58,6 +61,7 @@ def options_parser(constants, defaults, annotations=None):
     """An --option for each constant, its help the constant's comment in the script, grouped as the script groups
     them (its `# --- group ---` lines)."""
     parser = ErrorParser(description=constants.get("__doc__"), formatter_class=argparse.RawDescriptionHelpFormatter,
+                         allow_abbrev=False,  # --epoch is a misspelling, not --epochs
                          usage="%(prog)s [config/PRESET.py ...] [--option VALUE ...]")
     comments, groups, group = constant_comments(constants.get("__file__")), {}, parser
     for name, default in defaults.items():
@@ -140,6 +144,7 @@ def check_config(c):
     for name in ("epochs", "batch_size", "grad_accum", "sample_steps"):
         if getattr(c, name) < 1:
             raise UserError(f"{name}={getattr(c, name)}: must be at least 1")
+    check_cfg_scale(getattr(c, "cfg_scale", 0))
     if not 0 <= getattr(c, "cfg_drop", 0) < 1:
         raise UserError(f"cfg_drop={c.cfg_drop}: must be in [0, 1)")
     if c.lr_schedule not in ("constant", "cosine", "linear") or c.lr_warmup < 0:
@@ -162,13 +167,14 @@ def check_config(c):
 
 @contextlib.contextmanager
 def clear_errors():
-    """A UserError stops the script with its one line (no traceback); Ctrl-C with a word on resuming."""
+    """A UserError stops the script with its one line (no traceback), and so does Ctrl-C (the training loop says
+    what it saved)."""
     try:
         yield
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("stopped: the last checkpoint is kept; run the same command to resume")
+        sys.exit("stopped (Ctrl-C)")
 
 
 # Settings that config.json files of earlier versions lack or that are no longer options, with those runs' values.

@@ -7,12 +7,15 @@ import os
 import shutil
 import signal
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torchvision
 from PIL import Image
+from tqdm import tqdm
 
 from data import ImageTensors, UserError
 from modules import UNet, UNet_conditional
@@ -105,20 +108,37 @@ def amp_dtype(device, amp=True):
     GPUs without it (T4, V100, P100: their tensor cores run fp16; training needs a GradScaler), None (fp32)
     elsewhere; False: None; "bf16" or "fp16": that dtype (e.g. to try fp16 on Apple MPS)."""
     device = torch.device(device)
-    if amp in ("bf16", "fp16"):
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    if amp not in (True, False):
+    if amp not in (True, False, "bf16", "fp16"):
         raise UserError(f"amp={amp!r}: expected True (automatic), False, 'bf16' or 'fp16'")
-    if not amp:
+    if amp in ("bf16", "fp16"):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    elif amp and bf16_supported(device):
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float16 if amp and device.type == "cuda" else None
+    if dtype is not None and not autocast_runs(device, dtype):  # what the log says is what runs
+        print(f"warning: torch {torch.__version__} has no {str(dtype)[6:]} autocast on {device.type}: fp32",
+              file=sys.stderr)
         return None
-    if bf16_supported(device):
-        return torch.bfloat16
-    return torch.float16 if device.type == "cuda" else None
+    return dtype
 
 
 def autocast(device, amp_dtype):
-    """Autocast to amp_dtype (torch.bfloat16 or torch.float16) on this device; amp_dtype None: plain fp32."""
-    return torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    """Autocast to amp_dtype (torch.bfloat16 or torch.float16) on this device; amp_dtype None: plain fp32 (no
+    autocast at all: torch 2.5 on Apple MPS warns about an fp32 autocast even when it is disabled)."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=amp_dtype)
+
+
+def autocast_runs(device, dtype):
+    """Whether autocast to dtype really runs on this device: torch disables one it does not support there (bf16 on
+    Apple MPS before torch 2.6) with a warning, and the run would go on in fp32."""
+    device = torch.device(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast(device.type, dtype=dtype):
+            return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == dtype
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,22 +195,32 @@ def get_data(dataset, batch_size, seed=0, device="cpu", rank=0, world_size=1, nu
 # ---------------------------------------------------------------------------------------------------------------
 
 def make_logger(kind, run_name, config):
-    """log(step, loss) beside loss.png: to TensorBoard (runs/<run_name>/, as the tutorial logs) or to Weights &
-    Biases (offline too: WANDB_MODE=offline); kind None: nowhere. Neither package is required otherwise."""
+    """log(step, scalars, images=None) beside loss.png and the grids: the scalars ({"loss": ..., "lr": ...}) and a
+    sample grid (uint8 images) to TensorBoard (runs/<run_name>/, as the tutorial logs; the grid in its Images tab)
+    or to Weights & Biases (offline too: WANDB_MODE=offline); kind None: nowhere. Neither package is required
+    otherwise."""
     if kind is None:
-        return lambda step, loss: None
+        return lambda step, scalars, images=None: None
     if kind not in ("tensorboard", "wandb"):
         raise UserError(f"logger={kind!r}: expected None, 'tensorboard' or 'wandb'")
     try:
         if kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(Path("runs") / run_name)
-            return lambda step, loss: (writer.add_scalar("loss", loss, step), writer.flush())
+
+            def log(step, scalars, images=None):
+                for name, value in scalars.items():
+                    writer.add_scalar(name, value, step)
+                if images is not None:
+                    writer.add_image("samples", torchvision.utils.make_grid(images.cpu()), step)
+                writer.flush()
+            return log
         import wandb
     except ImportError:
         raise UserError(f"logger='{kind}' needs the {kind} package: pip install {kind}") from None
     wandb.init(project="ddpm", name=run_name, config=config, dir=".")  # (a resumed run: a new W&B run, same name)
-    return lambda step, loss: wandb.log({"loss": loss}, step=step)
+    return lambda step, scalars, images=None: wandb.log(
+        {**scalars, **({"samples": wandb.Image(grid_image(images))} if images is not None else {})}, step=step)
 
 
 def learning_rate(c, step, steps_per_epoch):
@@ -203,6 +233,12 @@ def learning_rate(c, step, steps_per_epoch):
         return c.lr
     progress = min(1.0, (step - c.lr_warmup) / max(1, c.epochs * steps_per_epoch - c.lr_warmup))
     return c.lr * (0.5 * (1 + math.cos(math.pi * progress)) if c.lr_schedule == "cosine" else 1 - progress)
+
+
+def time_left(started, steps_done, steps_left):
+    """The run's time left at its pace since `started` (time.perf_counter() at this process's first step; the sample
+    grids count), as tqdm writes times (h:mm:ss)."""
+    return tqdm.format_interval((time.perf_counter() - started) / max(1, steps_done) * steps_left)
 
 
 def mean_loss(total, steps, world_size, step, models_dir):
@@ -219,14 +255,17 @@ def mean_loss(total, steps, world_size, step, models_dir):
 
 
 @contextlib.contextmanager
-def save_and_stop_on_ctrl_c(enabled=True):
+def save_and_stop_on_ctrl_c(models_dir, enabled=True):
     """Yields interrupted(): whether Ctrl-C (SIGINT) was pressed since, so that the loop saves a checkpoint at the
-    next step boundary and stops; a second Ctrl-C stops at once. Under torchrun (enabled False) Ctrl-C stops at
-    once: the processes would not stop at the same step."""
+    next step boundary and stops (said at once); a second Ctrl-C stops at once, saying whether a checkpoint of the
+    run is in models_dir. Under torchrun (enabled False) Ctrl-C stops at once: the processes would not stop at the
+    same step."""
     pressed = []
 
     def handler(signum, frame):
         pressed.append(signum)
+        print("\nCtrl-C: saving after this step, then stopping (Ctrl-C again stops at once)", file=sys.stderr,
+              flush=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     try:
@@ -235,6 +274,10 @@ def save_and_stop_on_ctrl_c(enabled=True):
         previous = None
     try:
         yield lambda: bool(pressed)
+    except KeyboardInterrupt:
+        if (Path(models_dir) / "train_state.pt").exists():
+            sys.exit(f"stopped at once: the last checkpoint in {models_dir} is kept; run the same command to resume")
+        sys.exit("stopped at once, before the first checkpoint: nothing was saved")
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -258,7 +301,10 @@ def distributed(device):
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise UserError(f"torchrun: distributed training runs on CUDA (NCCL) or the CPU (gloo), not on {device}")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":  # NCCL bound to this process's GPU
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     try:
         yield device, dist.get_rank(), dist.get_world_size()
     finally:
@@ -267,14 +313,26 @@ def distributed(device):
 
 @contextlib.contextmanager
 def local_rank_zero_first():
-    """Under torchrun, the first process of each machine runs the block first (a download, an extraction), the
-    others after it (reading what it wrote); without torchrun, just the block."""
-    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if dist.is_initialized() and not first:
+    """Under torchrun, a block that prepares files (a download, an extraction) runs in three turns: rank 0 first,
+    then the first process of each other machine (which finds the files where the machines share a filesystem, and
+    fetches its own where not), then all the others, reading what is there; without torchrun, just the block."""
+    if not dist.is_initialized():
+        yield
+        return
+    turn = 0 if dist.get_rank() == 0 else 1 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 2
+    for i in range(3):
+        if i == turn:
+            yield
         dist.barrier()
-    yield
-    if dist.is_initialized() and first:
-        dist.barrier()
+
+
+def no_sync(model, last_micro_batch):
+    """DistributedDataParallel all-reduces the gradients at every backward; for the micro-batches of GRAD_ACCUM before
+    the last they only add up locally (the same result, fewer all-reduces)."""
+    ddp = getattr(model, "_orig_mod", model)  # (torch.compile wraps the DDP model)
+    if last_micro_batch or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
 
 
 def all_gather(x, world_size):
@@ -319,7 +377,17 @@ def check_labels(model, labels, n, device):
     elif num_classes is not None and len(labels) and labels.max() >= num_classes:
         raise UserError(f"label {labels.max().item()} is outside the model's {num_classes} classes "
                         f"(0 .. {num_classes - 1})")
+    elif len(labels) and labels.min() < -1:
+        raise UserError(f"label {labels.min().item()}: expected a class index, or -1 for none")
     return labels
+
+
+def check_cfg_scale(cfg_scale):
+    """The guidance scale, 0 or more (0 and 1: the conditional model; a negative scale would push away from the
+    labels asked for)."""
+    if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
+        raise UserError(f"cfg_scale={cfg_scale!r}: expected 0 or more (1: conditional, above 1: guided)")
+    return cfg_scale
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,12 +397,15 @@ def check_labels(model, labels, n, device):
 def setup_logging(run_name):
     """The folders of a run: models/<run_name> (checkpoints) and results/<run_name> (sample grids, loss curve),
     made when the first file is written into them."""
+    if not run_name or Path(run_name).is_absolute() or ".." in Path(run_name).parts or Path(run_name) == Path("."):
+        raise UserError(f"run_name={run_name!r}: expected a name for the run's folders in models/ and results/")
     return Path("models") / run_name, Path("results") / run_name
 
 
-def plot_images(images, nrow=8, path="samples.png"):
+def plot_images(images, nrow=8, path=None):
     """Show uint8 images (n, C, H, W) as a grid: in a notebook, or a window; where matplotlib can show nothing (no
-    display), the grid is saved to `path` instead and said so."""
+    display), the grid is saved to `path` instead and said so (None: samples_1.png, samples_2.png, ... in turn, so
+    that no call writes over another's)."""
     import matplotlib
     import matplotlib.pyplot as plt
     grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow)
@@ -342,6 +413,8 @@ def plot_images(images, nrow=8, path="samples.png"):
     plt.imshow(grid.permute(1, 2, 0).numpy())
     plt.axis("off")
     if matplotlib.get_backend().lower() in ("agg", "pdf", "ps", "svg", "cairo", "template"):  # shows nothing
+        plot_images.saved = getattr(plot_images, "saved", 0) + 1
+        path = path or f"samples_{plot_images.saved}.png"
         save_images(images, path, nrow)
         print(f"no display here: the images are in {Path(path).resolve()}")
     else:
@@ -383,15 +456,16 @@ def save_progress_gif(results_dir, epochs):
 
 
 def save_loss_plot(losses, path):
-    """losses: (step, mean loss) pairs."""
+    """losses: (step, mean loss) pairs; returns the figure."""
     from matplotlib.figure import Figure  # no pyplot: nothing is shown, no display needed
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4), layout="constrained")  # room for the labels, however wide the ticks
     ax = fig.add_subplot()
     if losses:
         ax.plot(*zip(*losses))
     ax.set(xlabel="step", ylabel="loss (weighted as trained, e.g. min-SNR)", yscale="log", title="training loss")
     ax.grid(alpha=0.3)
     replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return fig
 
 
 def replace_atomically(path, write):

@@ -28,11 +28,11 @@ def run(tmp_path, monkeypatch, *options):
     monkeypatch.setattr(benchmark, "matmul_tflops", functools.partial(benchmark.matmul_tflops, n=512))
     out = tmp_path / "out.json"
     benchmark.main(["--img_size", "8", "--width", "8", "--batch_size", "4", "--dtype", "fp32", "--steps", "1",
-                    "--sample_repeats", "1", "--json", str(out), *options])
+                    "--sample_repeats", "1", "--device", "cpu", "--json", str(out), *options])  # the CPU's kernels
     return json.loads(out.read_text())
 
 
-def test_figures_and_the_flops_of_one_attention_block(tmp_path, monkeypatch):
+def test_figures_and_the_flops_of_one_attention_block(tmp_path, monkeypatch, auto_is_not_the_cpu):
     r = run(tmp_path, monkeypatch, "--attention", "1")
     without = run(tmp_path, monkeypatch, "--attention=")
     assert {k: type(v) for k, v in r.items() if k not in ("train", "sample", "options")} == {

@@ -213,13 +213,28 @@ def test_an_unreadable_image_is_named_once_and_replaced_so_batches_keep_their_si
     for _ in range(2):
         images, labels = data[torch.arange(len(data))]
         assert images.shape == (7, 3, 16, 16) and sorted(labels.tolist()) == [0, 0, 0, 0, 0, 1, 1]  # (wraps round)
-    lines = capsys.readouterr().err.splitlines()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
     assert len(lines) == 2 and all(re.match(r"warning: skipping unreadable image '.*broken\.jpg' \(", line)
                                    for line in lines)
     for path in data.paths:
         Path(path).write_bytes(b"junk")
     with pytest.raises(UserError, match=r"none of the 7 images \(e.g. '.*'\) can be read"):
         load_dataset(str(root), 16)
+
+
+def test_an_unreadable_image_is_named_once_whichever_loader_worker_meets_it(tmp_path, capfd):
+    """Two data loader workers, eight epochs: the broken file is named in one warning, not once per worker (each is a
+    process of its own), on a line of its own (a progress bar may stand on the current one)."""
+    from utils import get_data
+    root = make_folder(tmp_path / "pets")
+    (root / "dogs" / "broken.jpg").write_bytes(b"not a jpeg")
+    capfd.readouterr()
+    loader = get_data(load_dataset(str(root), 16), 1, num_workers=2)  # batches of 1: the workers take turns
+    for epoch in range(8):
+        loader.sampler.set_epoch(epoch)
+        assert sum(len(images) for images, labels in loader) == 6
+    err = capfd.readouterr().err
+    assert err.count("warning: skipping unreadable image") == 1 and "\nwarning: skipping" in err
 
 
 @pytest.mark.parametrize("layout,message", [
@@ -419,7 +434,7 @@ def test_what_apple_mps_cannot_do_is_refused_with_what_to_change():
     check_attention_memory(torch.device("cpu"), tutorial)  # fused kernels elsewhere
 
 
-def test_plot_images_without_a_display_saves_the_grid_and_leaves_no_figure_open(tmp_path, capsys):
+def test_plot_images_without_a_display_saves_the_grid_and_leaves_no_figure_open(tmp_path, capsys, monkeypatch):
     import matplotlib
     import matplotlib.pyplot as plt
     from utils import plot_images
@@ -430,8 +445,45 @@ def test_plot_images_without_a_display_saves_the_grid_and_leaves_no_figure_open(
     assert Image.open(tmp_path / "samples.png").size == (2 + 4 * 10, 2 + 10)
     assert capsys.readouterr().out.count(f"no display here: the images are in {tmp_path / 'samples.png'}") == 3
     assert plt.get_fignums() == []
+    monkeypatch.chdir(tmp_path)  # without a path: a file of its own for each call, none written over
+    plot_images(images)
+    plot_images(images[:2])
+    written = sorted(tmp_path.glob("samples_*.png"), key=lambda p: p.stat().st_mtime_ns)
+    assert [Image.open(p).size for p in written] == [(2 + 4 * 10, 2 + 10), (2 + 2 * 10, 2 + 10)]
     from utils import save_images
     with pytest.raises(UserError, match="name the image file with an extension"):
         save_images(images, tmp_path / "samples")
     save_images(images, tmp_path / "samples.JPG")
     assert Image.open(tmp_path / "samples.JPG").format == "JPEG"
+
+
+@pytest.mark.parametrize("steps", [2, 30, 15000])
+def test_the_loss_plot_has_room_for_its_labels(tmp_path, steps):
+    """loss.png after a short run (a few readouts of close losses: the log axis writes its minor ticks, wide) and a
+    long one: every label lies inside the picture."""
+    from utils import save_loss_plot
+    losses = [(s, 0.3 + 0.01 * (s % 3)) for s in range(25, 25 * steps + 1, 25)][:steps]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    figure = save_loss_plot(losses, tmp_path / "loss.png")
+    FigureCanvasAgg(figure).draw()  # laid out as savefig lays it out
+    renderer = figure.canvas.get_renderer()
+    box, ax = figure.bbox, figure.axes[0]
+    (low, high), ticks = ax.get_ylim(), ax.get_yticklabels(which="both")  # the major and minor ticks shown
+    for text in [*(t for t in ticks if low <= t.get_position()[1] <= high), ax.yaxis.label, ax.xaxis.label, ax.title]:
+        extent = text.get_window_extent(renderer)
+        if text.get_text():
+            assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, text
+
+
+def test_the_precision_said_is_the_precision_that_runs():
+    """amp_dtype names only an autocast that really runs on the device (torch disables one it lacks there, e.g. bf16
+    on Apple MPS before torch 2.6, and the run would go on in fp32 while its log said bf16); fp32 enters no autocast
+    at all (torch 2.5 on MPS warns about a disabled fp32 one)."""
+    from utils import amp_dtype, autocast, autocast_runs
+    assert autocast_runs("cpu", torch.bfloat16) and not autocast_runs("cpu", torch.float64)  # CPU: bf16, fp16 only
+    for amp in (True, False, "bf16", "fp16"):
+        dtype = amp_dtype("cpu", amp)
+        with autocast("cpu", dtype):
+            product = torch.ones(2, 2) @ torch.ones(2, 2)
+            assert torch.is_autocast_enabled("cpu") == (dtype is not None)
+        assert product.dtype == (dtype or torch.float32)

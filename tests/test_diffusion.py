@@ -248,16 +248,35 @@ class TwoPredictions(torch.nn.Module):
 
 @pytest.mark.parametrize("scale", [0, 1, 3, 7.5])
 def test_cfg_combination_and_forward_passes(scale):
-    """eps = eps_u + s (eps_c - eps_u); s=1 is one plain conditional pass, s=0 one unconditional pass, any other s
-    one batched pass of 2n holding both."""
+    """eps = eps_u + s (eps_c - eps_u); as the tutorial guides only when s > 0, s = 0 is the conditional model, as
+    s = 1 is: one plain conditional pass; any other s one batched pass of 2n holding both."""
     diffusion = Diffusion(img_size=8, device="cpu")
     model, labels = TwoPredictions(), torch.tensor([0, 3, 1])
     x, t = torch.zeros(3, 3, 8, 8), torch.full((3,), 500)
     eps = diffusion.guided_output(model, x, t, labels, scale)
-    assert torch.allclose(eps, torch.full_like(x, -2.0 + scale * 3.0))
+    assert torch.allclose(eps, torch.full_like(x, 1.0 if scale in (0, 1) else -2.0 + scale * 3.0))
     assert len(model.seen) == 1
-    expected = {0: [-1, -1, -1], 1: [0, 3, 1]}.get(scale, [0, 3, 1, -1, -1, -1])
-    assert model.seen[0].tolist() == expected
+    assert model.seen[0].tolist() == ([0, 3, 1] if scale in (0, 1) else [0, 3, 1, -1, -1, -1])
+
+
+@pytest.mark.parametrize("cfg_scale", [0, 1, 3, 7.5])
+def test_the_tutorials_own_guidance_line_gives_what_sample_gives(cfg_scale):
+    """The tutorial's sampler, verbatim: its cfg_scale=0 is the conditional model, unguided, and so is it here (the
+    unconditional model: labels -1, or None)."""
+    from modules import UNet_conditional
+    torch.manual_seed(0)
+    model, diffusion = UNet_conditional(num_classes=4, width=8).eval(), Diffusion(img_size=8, device="cpu")
+    x, t, labels = torch.randn(4, 3, 8, 8), torch.full((4,), 300), torch.arange(4)
+    with torch.no_grad():
+        predicted_noise = model(x, t, labels)
+        if cfg_scale > 0:
+            uncond_predicted_noise = model(x, t, None)
+            predicted_noise = torch.lerp(uncond_predicted_noise, predicted_noise, cfg_scale)
+        ours = diffusion.guided_output(model, x, t, labels, cfg_scale)
+        unconditional = diffusion.guided_output(model, x, t, torch.full((4,), -1), cfg_scale)
+        assert torch.equal(unconditional, model(x, t, None))
+    torch.testing.assert_close(ours, predicted_noise, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, unconditional)  # (the labels matter to this model)
 
 
 def test_cfg_null_condition_for_multi_hot_labels():

@@ -3,6 +3,7 @@ GRAD_ACCUM 2), hold identical weights and compute what one process computes with
 piece, also across a stop and a resume; with importance-sampled timesteps, whose proposal learns from the losses of
 the whole global batch."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,16 +79,17 @@ def test_torchrun_with_one_process_still_joins_a_process_group(tmp_path):
 
 
 ORDER = f"""
-import sys, time
+import os, sys, time
 sys.path.insert(0, {str(REPO)!r})
 import torch.distributed as dist, utils
 dist.init_process_group("gloo")
+me = f"{{dist.get_rank()}}/{{os.environ['LOCAL_RANK']}}"  # rank / local rank
 with utils.local_rank_zero_first():
     with open("order.txt", "a") as f:
-        f.write(f"{{dist.get_rank()}} in\\n")
+        f.write(f"{{me}} in\\n")
     time.sleep(0.5)
     with open("order.txt", "a") as f:
-        f.write(f"{{dist.get_rank()}} out\\n")
+        f.write(f"{{me}} out\\n")
 dist.destroy_process_group()
 """
 
@@ -99,7 +101,7 @@ def test_the_first_process_reads_the_data_first_and_resumes_for_all(tmp_path):
     (tmp_path / "order.py").write_text(ORDER)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "order.py"], cwd=tmp_path, check=True, capture_output=True, timeout=300)
-    assert (tmp_path / "order.txt").read_text().split("\n") == ["0 in", "0 out", "1 in", "1 out", ""]
+    assert (tmp_path / "order.txt").read_text().split("\n") == ["0/0 in", "0/0 out", "1/1 in", "1/1 out", ""]
     (tmp_path / "worker.py").write_text(WORKER)
     own = {"OWN_FOLDERS": "1"}
     run(tmp_path, "--batch_size", "8", "--epochs", "1", processes=2, env=own)
@@ -108,3 +110,72 @@ def test_the_first_process_reads_the_data_first_and_resumes_for_all(tmp_path):
     assert "resuming models/DDPM_conditional at epoch 2, step 3" in out
     rank0, rank1 = weights(tmp_path / "rank0", 0), weights(tmp_path / "rank1", 1)
     assert all(torch.equal(rank0["model"][k], rank1["model"][k]) for k in rank0["model"])
+
+
+ACCUMULATE = f"""
+import argparse, sys
+sys.path.insert(0, {str(REPO)!r})
+import torch, torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+from ddpm import Diffusion
+from ddpm_conditional import train_step
+from modules import EMA, UNet_conditional
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+for grad_accum in (1, 4):
+    torch.manual_seed(0)
+    model = UNet_conditional(3, 3, num_classes=2, width=8, attention=(8,))
+    ema_model = UNet_conditional(3, 3, num_classes=2, width=8, attention=(8,))
+    ddp = DistributedDataParallel(model)
+    all_reduces = []
+    ddp.register_comm_hook(None, lambda state, bucket: all_reduces.append(1) or allreduce_hook(state, bucket))
+    images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(rank))
+    c = argparse.Namespace(flip=True, cfg_drop=0.1, grad_accum=grad_accum, ema_start=10)
+    train_step(ddp, ema_model, EMA(0.99), torch.optim.SGD(model.parameters(), lr=0.1), Diffusion(img_size=8,
+               device="cpu"), images, torch.tensor([0, 1] * 4), torch.Generator().manual_seed(1), c, rank=rank,
+               world_size=2)
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    everyone = [torch.empty_like(weights) for _ in range(2)]
+    dist.all_gather(everyone, weights)
+    assert torch.equal(everyone[0], everyone[1]), "the ranks' weights differ"
+    print(f"grad_accum {{grad_accum}}: {{len(all_reduces)}} all-reduces")
+dist.destroy_process_group()
+"""
+
+
+def test_micro_batches_all_reduce_their_gradients_once(tmp_path):
+    """GRAD_ACCUM micro-batches under DistributedDataParallel: the gradients are all-reduced once, after the last
+    micro-batch (the others add up locally), as many all-reduces as one batch in one piece, and the ranks still hold
+    the same weights."""
+    (tmp_path / "accumulate.py").write_text(ACCUMULATE)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "accumulate.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    counts = {}  # grad_accum: each rank's count of all-reduces (one a gradient bucket)
+    for grad_accum, count in re.findall(r"grad_accum (\d): (\d+) all-reduces", result.stdout):
+        counts.setdefault(int(grad_accum), []).append(int(count))
+    assert len(counts[1]) == 2 and counts[1][0] > 0 and counts[4] == counts[1]
+
+
+def test_on_two_machines_one_process_downloads_while_the_others_wait(tmp_path):
+    """Two machines of two processes (two torchrun launchers here, sharing this folder as machines may share a
+    filesystem): rank 0 prepares the data alone; then the first process of the other machine (which finds the
+    files, or fetches its own where nothing is shared), then the rest."""
+    import socket
+    (tmp_path / "order.py").write_text(ORDER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "order", "order.py"]
+    machines = [subprocess.Popen(launcher, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    for machine in machines:
+        assert machine.wait(timeout=300) == 0, machine.stderr.read()[-3000:]
+    lines = (tmp_path / "order.txt").read_text().split()
+    events = [(line.split("/"), what) for line, what in zip(lines[::2], lines[1::2])]
+    assert events[:2] == [(["0", "0"], "in"), (["0", "0"], "out")]  # rank 0 alone
+    assert events[2][1] == "in" and events[2][0][1] == "0" and events[3] == (events[2][0], "out")  # the other first
+    assert sorted(local for (rank, local), what in events[4:]) == ["1"] * 4  # then the others, each in and out

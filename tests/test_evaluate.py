@@ -3,6 +3,7 @@ network, and whole evaluations of tiny runs (built-in data, an image folder)."""
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -190,7 +191,7 @@ def run_evaluate(tmp_path, *args):
     return result
 
 
-def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path, monkeypatch, capsys):
+def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path, monkeypatch, capsys, auto_is_not_the_cpu):
     """Train a few steps, then evaluate: the figures are there and in range; no Inception weights here, so the FID is
     skipped with a one-line reason; the classifier is cached beside the data for the next call. Then an unconditional
     run (ddpm.py): FD only, and no guidance scale named, since it has none; its sweep's cfg_scale row is the main
@@ -207,6 +208,8 @@ def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path, mon
     assert report["main"]["fd"] > 0 and report["main"]["fd_floor"] > 0 and report["fid"] is None
     assert report["classifier_accuracy_real"] > 0.9  # the built-in shapes are easy to tell apart
     assert list((tmp_path / "data").glob("shapes_classifier_16x16_c3.pt"))
+    assert "once: it is cached as data/shapes_classifier_16x16_c3.pt" in result.stdout
+    assert re.search(r"classifier: +\d+%", result.stderr)  # its progress bar
     assert "distance to the ODE's solution (DPM++ 250 steps), RMS in [-1, 1] units, 6 samples" in result.stdout
     assert report["ode_error"]["reference"] == "DPM++ 250 steps"
     assert [(r["sampler"], r["steps"], r["n_samples"]) for r in report["ode_error"]["rows"]][::3] == [
@@ -235,6 +238,14 @@ def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path, mon
     assert report["sweep"][0]["fd"] == report["main"]["fd"]
     assert drawn[:2] == [(3, 3, "ddim"), (3, 10, "ddim")]  # the cfg_scale row took the main setting's samples
     assert len(drawn) == len(report["sweep"])  # the main setting and each row but that one
+
+
+def test_ctrl_c_stops_evaluate_with_one_line(monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "evaluate", interrupted)
+    with pytest.raises(SystemExit, match=r"^stopped \(Ctrl-C\)$"):
+        evaluate.main(["--ckpt", "models/run/ema_ckpt.pt"])
 
 
 def test_evaluate_a_run_on_an_image_folder_with_a_rare_class(tmp_path):
@@ -300,7 +311,7 @@ def test_a_multi_label_classifier_learns_attributes_that_occur_together(tmp_path
     assert both.any() and predictions[both].float().mean() > 0.9 and path.exists()
 
 
-def test_a_checkpoint_and_data_of_different_label_kinds_are_refused(tmp_path):
+def test_a_checkpoint_and_data_of_different_label_kinds_are_refused(tmp_path, auto_is_not_the_cpu):
     """A single-label run evaluated against an attribute table (multi-hot labels) stops with one line."""
     import ddpm_conditional
     from ddpm import make_model

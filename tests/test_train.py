@@ -1,6 +1,6 @@
 """End to end: each script trains a few steps on tiny built-in data, writes its files, resumes to the very same
-weights (after a clean stop or a kill at any moment), stops on bad input with one clear line; the README's notebook
-cell samples from what it wrote."""
+weights (after a clean stop or a kill at any moment), stops on bad input with one clear line; sample.ipynb's
+cells sample from what it wrote (run here in this process; tests/test_notebook.py runs them in a real kernel)."""
 import argparse
 import contextlib
 import copy
@@ -103,6 +103,7 @@ def uninterrupted(tmp_path_factory):
 def test_script_writes_its_files_and_resumes_to_identical_weights(script, tmp_path, uninterrupted):
     first = run(script, "--epochs", "2", cwd=tmp_path)
     assert "48 images, 3 steps per epoch" in first.stdout
+    assert re.search(r"epoch 2/2: 100%.*loss=[\d.]+, run_left=00:00\]", first.stderr)  # the whole run's time left
     models, results = tmp_path / "models" / RUN[script], tmp_path / "results" / RUN[script]
     assert {p.name for p in models.iterdir()} == {"ckpt.pt", "ema_ckpt.pt", "train_state.pt", "config.json"}
     assert {p.name for p in results.iterdir()} == {"1.jpg", "2.jpg", "loss.png", "progress.gif"}
@@ -125,7 +126,8 @@ def test_script_writes_its_files_and_resumes_to_identical_weights(script, tmp_pa
         jpg = pil_to_tensor(Image.open(results / "3.jpg").convert("RGB")).float()
         assert (last - jpg).abs().mean() < 8  # the third frame is epoch 3's grid (up to the GIF's 256 colours)
     assert_same_training(final_state(tmp_path, script), final_state(uninterrupted[script], script))
-    assert "nothing to do" in run(script, "--epochs", "3", cwd=tmp_path).stdout
+    finished = run(script, "--epochs", "3", cwd=tmp_path).stdout
+    assert "nothing to do" in finished and "resuming" not in finished
 
 
 COSINE = ("--lr_schedule", "cosine", "--lr_warmup", "4")
@@ -194,7 +196,7 @@ def test_sampler_option_is_checked_first_and_old_runs_read_as_ddim(tmp_path):
     assert (old.sampler, old.attributes, old.multi_label) == ("ddim", None, False)  # before ATTRIBUTES: one label
 
 
-def test_runs_of_earlier_versions_load_with_the_settings_they_had(tmp_path):
+def test_runs_of_earlier_versions_load_with_the_settings_they_had(tmp_path, auto_is_not_the_cpu):
     """A config.json of a run made with BOTTLENECK_EMBEDDING True (an option then) builds the model with its
     bottleneck embedding layer (FiLM: a scale and a shift for the 8 x WIDTH channels), so its checkpoint loads;
     one written before the option existed reads as the tutorial's bottleneck, without it, with T = 1000 steps."""
@@ -394,6 +396,24 @@ def test_orthogonalise_is_the_newton_schulz_iteration_on_the_matrix_itself():
         assert torch.allclose(orthogonalise(g), x, rtol=0, atol=1e-9)
 
 
+def test_muon_steps_matrices_of_one_shape_together_as_it_steps_each_alone():
+    """Muon orthogonalises the matrices of one shape as one batch: each gets exactly the step it gets alone."""
+    from modules import Muon
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=generator) for shape in [(16, 8, 3, 3)] * 3 + [(8, 32), (16, 8, 3, 3)]]
+    alone = [w.clone() for w in weights]
+    together, each = Muon([{"params": weights, "muon": True}], lr=1e-2), [Muon([{"params": [a], "muon": True}], 1e-2)
+                                                                            for a in alone]
+    for _ in range(3):  # (the momentum builds up)
+        for w, a in zip(weights, alone):
+            w.grad = torch.randn(w.shape, generator=generator)
+            a.grad = w.grad.clone()
+        together.step()
+        for optimizer in each:
+            optimizer.step()
+    assert all(torch.equal(w, a) for w, a in zip(weights, alone))
+
+
 def test_muon_gives_the_other_parameters_exactly_adamws_steps():
     from modules import Muon
     generator = torch.Generator().manual_seed(0)
@@ -466,6 +486,12 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--attributes", "circle"], "error: attributes='circle': 'shapes' has classes, not attributes"),
     (["--dataset", "multishapes", "--num_classes", "4"],
      "error: num_classes=4: 'multishapes' has 6 attributes, and a multi-label model has one class per attribute"),
+    (["--num_images", "0"], "error: num_images=0: expected a number of images, 1 or more (None: all)"),
+    (["--num_images", "-5"], "error: num_images=-5: expected a number of images, 1 or more (None: all)"),
+    (["--run_name", ""], "error: run_name='': expected a name for the run's folders in models/ and results/"),
+    (["--run_name", "../elsewhere"], "error: run_name='../elsewhere': expected a name for the run's folders"),
+    (["--epoch", "1"], "error: unrecognized arguments: --epoch 1 (did you mean --epochs?)"),  # not a prefix of it
+    (["--cfg_scale", "-1"], "error: cfg_scale=-1.0: expected 0 or more (1: conditional, above 1: guided)"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args, message):
     """In this process, as `python ddpm_conditional.py ...` runs it (the next test runs one case as a command)."""
@@ -475,6 +501,53 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args, message):
     with pytest.raises(SystemExit) as stop, clear_errors():  # sys.exit(text): the text on stderr, exit status 1
         ddpm_conditional.train(parse_config(vars(ddpm_conditional)))
     assert str(stop.value).startswith(message) and "\n" not in str(stop.value)
+
+
+def test_bad_input_nothing_was_written_for(tmp_path):
+    """The refusals above start nothing: no folder appears (a run named "" would have written straight into models/
+    and results/)."""
+    for args in (["--run_name", ""], ["--num_images", "0"]):
+        assert run("ddpm.py", *args, cwd=tmp_path, expect_ok=False).returncode == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sampling_refuses_labels_below_minus_one_and_negative_guidance_and_a_train_state_file(tmp_path):
+    from ddpm import load_run
+    diffusion, model = Diffusion(img_size=8, device="cpu"), UNet_conditional(num_classes=4, width=8).eval()
+    with pytest.raises(UserError, match=r"^label -2: expected a class index, or -1 for none$"):
+        diffusion.sample(model, 2, torch.tensor([1, -2]), steps=2, progress=False)
+    with pytest.raises(UserError, match=r"^cfg_scale=-0.5: expected 0 or more"):
+        diffusion.sample(model, 2, torch.tensor([1, -1]), cfg_scale=-0.5, steps=2, progress=False)
+    run("ddpm_conditional.py", "--epochs", "1", cwd=tmp_path)
+    state = tmp_path / "models" / "DDPM_conditional" / "train_state.pt"
+    with pytest.raises(UserError, match=r"train_state\.pt' is a train_state\.pt \(all that a resume needs\), not a "
+                                        r"model's weights: load the run's folder or its ema_ckpt\.pt"):
+        load_run(state, "cpu")
+
+
+def test_a_preset_gives_each_script_its_own_run_folder():
+    """The two scripts with one preset: models/fashion and models/fashion_uncond (as ddpm.py's __main__ asks: the
+    first-look test runs it), so neither refuses the other's run; --run_name still names it."""
+    import ddpm
+    import ddpm_conditional
+    preset = str(REPO / "config" / "fashion_mnist.py")
+    ignore = ("NUM_CLASSES", "ATTRIBUTES", "CFG_DROP", "CFG_SCALE")
+    assert parse_config(vars(ddpm_conditional), [preset]).run_name == "fashion"
+    assert parse_config(vars(ddpm), [preset], ignore, preset_run_suffix="_uncond").run_name == "fashion_uncond"
+    assert parse_config(vars(ddpm), [preset, "--run_name", "x"], ignore, preset_run_suffix="_uncond").run_name == "x"
+
+
+def test_the_first_look_preset_trains_a_few_steps_and_writes_a_grid(tmp_path):
+    """config/first_look.py, the README's one-minute look: the real command (the CPU, fp32), a few dozen steps, each
+    epoch's grid, progress.gif and loss.png, in a folder of its own."""
+    result = subprocess.run([sys.executable, str(REPO / "ddpm.py"), str(REPO / "config" / "first_look.py"),
+                             "--device", "cpu", "--amp", "False"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "640 images, 20 steps per epoch" in result.stdout
+    results = tmp_path / "results" / "first_look_uncond"
+    assert {p.name for p in results.iterdir()} == {"1.jpg", "2.jpg", "loss.png", "progress.gif"}
+    assert Image.open(results / "2.jpg").size == (2 + 8 * 34, 2 + 8 * 34)  # 8 x 8 images of 32 x 32
 
 
 def test_bad_input_stops_the_command_with_one_line_and_status_1(tmp_path):
@@ -515,23 +588,40 @@ def test_the_tutorials_notebook_lines_work():
     labels = torch.arange(4)
     x = diffusion.sample(model, 4, labels, cfg_scale=3)  # the tutorial's call: all 1000 ancestral steps
     assert x.shape == (4, 3, 8, 8) and x.dtype == torch.uint8
+    # its other calls, as it makes them: the unconditional sample, the forward process, t, the EMA
+    unconditional = names["UNet"] if "UNet" in names else importlib.import_module("modules").UNet
+    x = diffusion.sample(unconditional(width=8), 2)
+    assert x.shape == (2, 3, 8, 8) and x.dtype == torch.uint8
+    t = diffusion.sample_timesteps(5)
+    assert t.shape == (5,) and t.dtype == torch.long and 0 <= t.min() and t.max() < 1000
+    images = torch.rand(5, 3, 8, 8) * 2 - 1
+    x_t, noise = diffusion.noise_images(images, t)
+    alpha_hat = diffusion.alpha_hat[t][:, None, None, None]
+    torch.testing.assert_close(x_t, alpha_hat.sqrt() * images + (1 - alpha_hat).sqrt() * noise)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    names["EMA"](0.995).step_ema(ema_model, model)  # its 2000 warm-up steps: a copy
+    assert all(torch.equal(a, b) for a, b in zip(ema_model.parameters(), model.parameters()))
+    assert names["UNet_conditional"](num_classes=10).label_emb.weight.shape == (10, 256)
 
 
-def readme_notebook_cells(marker="notebook cell"):
-    readme = (REPO / "README.md").read_text()
-    cells = re.findall(rf"<!-- {marker} -->\s*```python\n(.*?)```", readme, re.S)
-    assert cells, "README.md has no notebook cell"
-    return cells
+def notebook_cells():
+    """sample.ipynb's code cells: (the main ones in order, the attributes cell)."""
+    cells = [c for c in json.loads((REPO / "sample.ipynb").read_text())["cells"] if c["cell_type"] == "code"]
+    main = ["".join(c["source"]) for c in cells if "attributes" not in c["metadata"].get("tags", [])]
+    [attributes] = ["".join(c["source"]) for c in cells if "attributes" in c["metadata"].get("tags", [])]
+    return main, attributes
 
 
 def test_readme_notebook_cells_sample_from_a_trained_checkpoint(tmp_path, monkeypatch, uninterrupted):
-    """The README's cells in order, as a notebook runs them: sampling (DDIM, then DPM++), the denoising GIF,
+    """sample.ipynb's cells in order, run here in this process: sampling (DDIM, then DPM++), the denoising GIF,
     inpainting (the kept half comes back as it was) and img2img."""
     import matplotlib
     matplotlib.use("Agg")  # plt.show() draws nowhere
     monkeypatch.chdir(uninterrupted["ddpm_conditional.py"])
     namespace = {}
-    first, *others = readme_notebook_cells()
+    first, *others = notebook_cells()[0]
     exec(first, namespace)
     images = namespace["x"]
     assert images.dtype == torch.uint8 and images.shape == (namespace["n"], 3, 16, 16)
@@ -539,7 +629,8 @@ def test_readme_notebook_cells_sample_from_a_trained_checkpoint(tmp_path, monkey
         exec(cell, namespace)
     n, frames, real, filled = namespace["n"], namespace["frames"], namespace["real"], namespace["filled"]
     assert Image.open("denoising.gif").n_frames > 1 and frames[-1].shape == (n, 3, 16, 16)
-    assert filled.shape == (n, 3, 16, 16) and torch.equal(filled[..., :8], real.images[..., :8])
+    # (the cells sample on the device load_run picks, a GPU where there is one; the real images are on the CPU)
+    assert filled.shape == (n, 3, 16, 16) and torch.equal(filled.cpu()[..., :8], real.images[..., :8])
     assert namespace["x"].shape == namespace["circles"].shape == (n, 3, 16, 16)
 
 
@@ -611,19 +702,15 @@ def test_an_attribute_table_run_and_the_readme_attributes_cell(tmp_path, monkeyp
     assert (saved["multi_label"], saved["num_classes"], saved["classes"]) == (True, 2, ["Smiling", "Eyeglasses"])
     assert Image.open("results/celeba/1.jpg").size == (2 + 8 * 18, 2 + 3 * 18)  # Smiling, Eyeglasses, both
     namespace = {}
-    [cell] = readme_notebook_cells("notebook cell: attributes")
+    cell = notebook_cells()[1]
     exec(cell, namespace)
     assert namespace["y"].tolist() == [[1, 1]] * 8 and namespace["x"].shape == (8, 3, 16, 16)
 
 
-def test_the_tests_train_on_the_cpu_even_where_a_gpu_is(tmp_path, monkeypatch):
+def test_the_tests_train_on_the_cpu_even_where_a_gpu_is(tmp_path, auto_is_not_the_cpu):
     """TINY names the CPU: on a GPU machine `auto` would train on the GPU, where the exact-resume checks do not hold
     (non-deterministic kernels); tests/test_accelerator.py is the suite's GPU part. Here "auto" is made to pick a
     stand-in device ("meta", where training fails) to show that no run of the suite asks for it."""
-    import utils
-    pick = utils.pick_device
-    monkeypatch.setattr(utils, "pick_device", lambda name=None: torch.device("meta") if name in (None, "auto")
-                        else pick(name))
     assert "on cpu" in run("ddpm.py", "--epochs", "1", cwd=tmp_path).stdout
     (tmp_path / "auto").mkdir()
     with pytest.raises(Exception):  # (the stand-in does fail)
@@ -643,6 +730,7 @@ def test_ctrl_c_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_path):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 1 and re.search(r"^stopped after step (\d+), saved in models/DDPM_unconditional: "
                                                  r"run the same command to resume$", err, re.M), err[-2000:]
+    assert "Ctrl-C: saving after this step, then stopping (Ctrl-C again stops at once)" in err  # said at once
     stopped = int(re.search(r"stopped after step (\d+)", err).group(1))
     state = final_state(tmp_path, "ddpm.py")
     assert state["step"] == stopped < 120 and state["batch"] == stopped % 60 != 0  # mid-epoch, that very step
@@ -653,6 +741,22 @@ def test_ctrl_c_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_path):
     run("ddpm.py", *args, cwd=whole)
     assert final_state(tmp_path, "ddpm.py")["step"] == 120  # the logged losses too: the window since the last
     assert_same_training(final_state(tmp_path, "ddpm.py"), final_state(whole, "ddpm.py"))  # readout was saved
+
+
+def test_ctrl_c_twice_before_the_first_checkpoint_says_nothing_was_saved(tmp_path):
+    """A second Ctrl-C stops at once: in the first epoch, with no checkpoint yet, it says that nothing was saved
+    (not that the last checkpoint is kept), and leaves no file."""
+    process = subprocess.Popen(command("ddpm.py", "--epochs", "1", "--num_images", "4800"), cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "steps per epoch" not in process.stdout.readline():  # training has started
+        assert process.poll() is None
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and err.rstrip().endswith(
+        "stopped at once, before the first checkpoint: nothing was saved"), err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "models").exists()
 
 
 def test_a_run_that_fails_leaves_no_empty_folders_and_a_missing_run_is_named(tmp_path, monkeypatch):
@@ -669,19 +773,27 @@ def test_a_run_that_fails_leaves_no_empty_folders_and_a_missing_run_is_named(tmp
         load_run("nowhere/run/ema_ckpt.pt")
 
 
-def test_the_loss_goes_to_tensorboard_when_asked(tmp_path):
-    """LOGGER = "tensorboard" (the tutorial's): runs/<RUN_NAME>/ holds every loss readout of loss.png, at its step,
-    across a resume too. (Skipped where the tensorboard package is not installed: requirements-dev.txt has it.)"""
+def test_the_loss_and_the_grids_go_to_tensorboard_when_asked(tmp_path):
+    """LOGGER = "tensorboard" (the tutorial's): runs/<RUN_NAME>/ holds every loss readout of loss.png and the
+    learning rate (of the step logged: warming up here), at its step, and each epoch's sample grid as an image (the Images tab), across a resume too.
+    (Skipped where the tensorboard package is not installed: requirements-dev.txt has it.)"""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run("ddpm.py", "--epochs", "1", "--logger", "tensorboard", cwd=tmp_path)
     run("ddpm.py", "--epochs", "2", "--logger", "tensorboard", cwd=tmp_path)
-    events = EventAccumulator(str(tmp_path / "runs" / "DDPM_unconditional"))
+    events = EventAccumulator(str(tmp_path / "runs" / "DDPM_unconditional"), size_guidance={"images": 0})
     events.Reload()
     logged = [(event.step, event.value) for event in events.Scalars("loss")]
     losses = final_state(tmp_path, "ddpm.py")["losses"]
     assert [step for step, _ in logged] == [step for step, _ in losses] == [3, 6]
     assert [value for _, value in logged] == pytest.approx([loss for _, loss in losses], rel=1e-6)
+    assert [event.step for event in events.Scalars("lr")] == [3, 6]
+    assert [event.value for event in events.Scalars("lr")] == pytest.approx([2e-3 * 3 / 200, 2e-3 * 6 / 200])
+    grids = events.Images("samples")
+    assert [event.step for event in grids] == [3, 6]  # one an epoch, at its last step
+    for event, epoch in zip(grids, (1, 2)):  # the grid written to results/, 8 x 8 images of 16 x 16
+        assert (event.width, event.height) == Image.open(tmp_path / "results" / "DDPM_unconditional" /
+                                                         f"{epoch}.jpg").size == (2 + 8 * 18, 2 + 8 * 18)
 
 
 def test_the_loss_goes_to_weights_and_biases_offline_when_asked(tmp_path, monkeypatch):
