@@ -36,36 +36,6 @@ def run(cwd, *command):
     return result.stdout
 
 
-@pytest.mark.parametrize("compile", [False, True])
-@pytest.mark.parametrize("script", list(RUN))
-def test_train_sample_and_evaluate_there_then_resume_on_the_cpu(tmp_path, script, compile):
-    out = run(tmp_path, str(REPO / script), *TINY, "--device", DEVICE, "--epochs", "1", "--compile", str(compile))
-    amp = amp_dtype(pick_device(DEVICE))
-    assert f"on {DEVICE}" in out and (f"with {str(amp)[6:]} autocast" in out if amp else "autocast" not in out)
-    models = tmp_path / "models" / RUN[script]
-    state = torch.load(models / "train_state.pt", weights_only=True)
-    assert state["generator_device"] == pick_device(DEVICE).type and state["step"] == 3
-    assert all(torch.isfinite(v).all() for v in state["ema_model"].values())
-    assert all(loss == loss and loss < 10 for _, loss in state["losses"])  # finite, not diverging
-    assert (tmp_path / "results" / RUN[script] / "1.jpg").exists()  # the guided sample grid, sampled there
-
-    report = tmp_path / "report.json"
-    run(tmp_path, str(REPO / "evaluate.py"), "--ckpt", str(models / "ema_ckpt.pt"), "--device", DEVICE,
-        "--n_per_class", "4", "--steps", "3", "--json", str(report))
-    figures = json.loads(report.read_text())
-    assert figures["main"]["fd"] > 0 and figures["classifier_accuracy_real"] > 0.9
-    if script == "ddpm_conditional.py":
-        assert 0 <= figures["main"]["accuracy"] <= 1
-
-    out = run(tmp_path, str(REPO / script), *TINY, "--device", "cpu", "--epochs", "2")  # (compiling on a CPU is slow)
-    assert "resuming" in out
-    if DEVICE != "cpu":
-        assert f"resuming on cpu a run saved on {pick_device(DEVICE).type}" in out
-    state = torch.load(models / "train_state.pt", weights_only=True)
-    assert state["step"] == 6 and state["generator_device"] == "cpu"
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
-
-
 def test_guided_samples_there_match_the_cpu():
     """The same weights and starting noise: DDIM with guidance on the device, in its automatic precision, gives the
     CPU's fp32 images up to rounding."""
@@ -83,20 +53,6 @@ def test_guided_samples_there_match_the_cpu():
     assert reference.std().item() > 0.2  # (the images are not flat, where any two samplers would agree)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two or more CUDA GPUs")
-def test_torchrun_on_two_gpus_with_nccl(tmp_path):
-    """Two processes, a GPU each (NCCL): the ranks hold identical weights after a stop and a resume."""
-    from test_distributed import WORKER
-    (tmp_path / "worker.py").write_text(WORKER)
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "worker.py"]
-    run(tmp_path, *launcher, *TINY, "--device", "cuda", "--epochs", "1")
-    out = run(tmp_path, *launcher, *TINY, "--device", "cuda", "--epochs", "2")
-    assert out.count("resuming") == 1 and "2 processes" in out
-    rank0, rank1 = (torch.load(tmp_path / f"weights_rank{rank}.pt", weights_only=True) for rank in (0, 1))
-    for part in ("model", "ema_model"):
-        assert all(torch.equal(rank0[part][k].cpu(), rank1[part][k].cpu()) for k in rank0[part]), part
-
-
 @pytest.mark.skipif(DEVICE != "cuda", reason="a CUDA check")
 def test_in_memory_batches_make_the_gpu_wait_for_nothing():
     """Batches of data held on the GPU are indexed there: after the epoch's permutation moves to the GPU (once, at
@@ -111,3 +67,58 @@ def test_in_memory_batches_make_the_gpu_wait_for_nothing():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert len(images) == 3 and images[0].device.type == "cuda"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One data folder for the module's evaluate.py runs: the classifier it caches there trains once, not once a
+    run."""
+    return tmp_path_factory.mktemp("data")
+
+
+# (the quickest first: a run cut at its limit has done them; eager before compiled, the cold compiles slowest)
+@pytest.mark.parametrize("script", list(RUN))
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_train_sample_and_evaluate_there_then_resume_on_the_cpu(tmp_path, data_dir, script, compile):
+    out = run(tmp_path, str(REPO / script), *TINY, "--device", DEVICE, "--epochs", "1", "--compile", str(compile))
+    amp = amp_dtype(pick_device(DEVICE))
+    assert f"on {DEVICE}" in out and (f"with {str(amp)[6:]} autocast" in out if amp else "autocast" not in out)
+    models = tmp_path / "models" / RUN[script]
+    state = torch.load(models / "train_state.pt", weights_only=True)  # (no map_location: where it was saved)
+    assert state["generator_device"] == pick_device(DEVICE).type and state["step"] == 3
+    tensors = [v for part in ("model", "ema_model") for v in state[part].values()] + [
+        v for moments in state["optimizer"]["state"].values() for v in moments.values() if torch.is_tensor(v)]
+    assert {v.device.type for v in tensors} == {"cpu"}  # fused AdamW's step too: the file loads on any machine
+    assert all(torch.isfinite(v).all() for v in state["ema_model"].values())
+    assert all(loss == loss and loss < 10 for _, loss in state["losses"])  # finite, not diverging
+    assert (tmp_path / "results" / RUN[script] / "1.jpg").exists()  # the guided sample grid, sampled there
+
+    report = tmp_path / "report.json"
+    run(tmp_path, str(REPO / "evaluate.py"), "--ckpt", str(models / "ema_ckpt.pt"), "--device", DEVICE,
+        "--n_per_class", "4", "--steps", "3", "--json", str(report), "--data_dir", str(data_dir))
+    figures = json.loads(report.read_text())
+    assert figures["main"]["fd"] > 0 and figures["classifier_accuracy_real"] > 0.9
+    if script == "ddpm_conditional.py":
+        assert 0 <= figures["main"]["accuracy"] <= 1
+
+    out = run(tmp_path, str(REPO / script), *TINY, "--device", "cpu", "--epochs", "2")  # (compiling on a CPU is slow)
+    assert "resuming" in out
+    if DEVICE != "cpu":
+        assert f"resuming on cpu a run saved on {pick_device(DEVICE).type}" in out
+    state = torch.load(models / "train_state.pt", weights_only=True)
+    assert state["step"] == 6 and state["generator_device"] == "cpu"
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two or more CUDA GPUs")
+def test_torchrun_on_two_gpus_with_nccl(tmp_path):
+    """Two processes, a GPU each (NCCL): the ranks hold identical weights after a stop and a resume."""
+    from test_distributed import WORKER
+    (tmp_path / "worker.py").write_text(WORKER)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "worker.py"]
+    run(tmp_path, *launcher, *TINY, "--device", "cuda", "--epochs", "1")
+    out = run(tmp_path, *launcher, *TINY, "--device", "cuda", "--epochs", "2")
+    assert out.count("resuming") == 1 and "2 processes" in out
+    rank0, rank1 = (torch.load(tmp_path / f"weights_rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    for part in ("model", "ema_model"):
+        assert all(torch.equal(rank0[part][k].cpu(), rank1[part][k].cpu()) for k in rank0[part]), part
