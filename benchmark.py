@@ -32,7 +32,8 @@ import ddpm_conditional
 from data import UserError
 from ddpm import Diffusion, make_diffusion, make_model
 from importance import ImportanceSampler
-from modules import EMA, make_optimizer
+from modules import EMA
+from optimizers import make_optimizer
 from utils import amp_dtype, autocast, bf16_supported, pick_device
 
 

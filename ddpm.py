@@ -24,7 +24,8 @@ from tqdm import tqdm
 from checkpoints import load_weights, read_train_state, resume, save_train_state
 from data import UserError, complete_config, image_size, load_dataset
 from importance import ImportanceSampler
-from modules import EMA, UNet, UNet_conditional, make_optimizer
+from modules import EMA, UNet, UNet_conditional
+from optimizers import make_optimizer
 from options import check_config, clear_errors, parse_config, read_config
 from utils import (all_gather, amp_dtype, autocast, check_attention_memory, check_cfg_scale, check_labels,
                    distributed, from_images, get_data, grad_scaler, learning_rate, local_rank_zero_first, make_logger,

@@ -9,7 +9,8 @@ import torch
 from data import load_dataset
 from ddpm import Diffusion, make_diffusion, make_model
 from ddpm_conditional import train_step
-from modules import EMA, UNet_conditional, make_optimizer
+from modules import EMA, UNet_conditional
+from optimizers import make_optimizer
 
 BF16_ROUNDING = 2 ** -8  # relative rounding error of one bfloat16 operation (8 significant bits)
 

@@ -366,7 +366,7 @@ def test_learning_rate_schedules_at_chosen_steps():
 def test_orthogonalise_keeps_the_singular_vectors_and_evens_the_singular_values(rows, cols):
     """Newton-Schulz turns g = U S V^T into U S' V^T, S' near 1 (Jordan et al.: about 0.7 to 1.2) for singular values
     down to a hundredth of the largest; the scale of g does not matter."""
-    from modules import orthogonalise
+    from optimizers import orthogonalise
     generator = torch.Generator().manual_seed(0)
     k = min(rows, cols)
     u = torch.linalg.qr(torch.randn(rows, k, generator=generator, dtype=torch.float64))[0]
@@ -383,7 +383,7 @@ def test_orthogonalise_keeps_the_singular_vectors_and_evens_the_singular_values(
 def test_orthogonalise_is_the_newton_schulz_iteration_on_the_matrix_itself():
     """The Gram-matrix form gives what the five quintic steps x <- 3.4445 x + (-4.7750 a + 2.0315 a^2) x, a = x x^T
     (Jordan et al.'s, on x itself) give, for wide and tall matrices."""
-    from modules import orthogonalise
+    from optimizers import orthogonalise
     generator = torch.Generator().manual_seed(0)
     for shape in [(32, 288), (288, 32), (64, 64)]:
         g = torch.randn(shape, generator=generator, dtype=torch.float64)
@@ -398,7 +398,7 @@ def test_orthogonalise_is_the_newton_schulz_iteration_on_the_matrix_itself():
 
 def test_muon_steps_matrices_of_one_shape_together_as_it_steps_each_alone():
     """Muon orthogonalises the matrices of one shape as one batch: each gets exactly the step it gets alone."""
-    from modules import Muon
+    from optimizers import Muon
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(shape, generator=generator) for shape in [(16, 8, 3, 3)] * 3 + [(8, 32), (16, 8, 3, 3)]]
     alone = [w.clone() for w in weights]
@@ -415,7 +415,7 @@ def test_muon_steps_matrices_of_one_shape_together_as_it_steps_each_alone():
 
 
 def test_muon_gives_the_other_parameters_exactly_adamws_steps():
-    from modules import Muon
+    from optimizers import Muon
     generator = torch.Generator().manual_seed(0)
     ours = [torch.randn(5, 3, generator=generator), torch.randn(7, generator=generator)]
     torchs = [p.clone() for p in ours]
@@ -433,7 +433,7 @@ def test_muon_gives_the_other_parameters_exactly_adamws_steps():
 def test_muon_step_of_a_convolution_weight():
     """The first step (momentum from zero) of a weight: decay, then the gradient seen as out x in*k*k,
     orthogonalised, scaled to the RMS 0.2 x LR of an AdamW step."""
-    from modules import Muon, orthogonalise
+    from optimizers import Muon, orthogonalise
     weight = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(0))
     before = weight.clone()
     weight.grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
@@ -446,7 +446,7 @@ def test_muon_step_of_a_convolution_weight():
 
 
 def test_muon_takes_the_hidden_weight_matrices_and_adamw_the_rest():
-    from modules import make_optimizer
+    from optimizers import make_optimizer
     model = UNet_conditional(3, 3, num_classes=6, width=8, attention=(8,), norm_groups=4, film=True)
     optimizer = make_optimizer(model, 1e-3, torch.device("cpu"), "muon")
     muon, adamw = ({id(p) for p in group["params"]} for group in optimizer.param_groups)
@@ -569,7 +569,7 @@ def test_resuming_with_other_settings_names_them(tmp_path, args, difference):
 
 
 def test_importing_the_scripts_starts_nothing(tmp_path):
-    code = "import data, ddpm, ddpm_conditional, evaluate, benchmark, modules, utils"
+    code = "import data, ddpm, ddpm_conditional, evaluate, benchmark, modules, optimizers, utils"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == "" and list(tmp_path.iterdir()) == []
