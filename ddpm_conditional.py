@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from checkpoints import read_train_state, resume, save_train_state
 from data import complete_config, load_dataset
-from ddpm import Diffusion, load_run, make_diffusion
+from ddpm import Diffusion, load_run, make_diffusion, make_model
 from importance import ImportanceSampler
 from modules import EMA, UNet_conditional
 from optimizers import make_optimizer
@@ -162,8 +162,7 @@ def train(config):
         state = read_train_state(models_dir, vars(c))  # None for a new run
 
         torch.manual_seed(c.seed)
-        model = UNet_conditional(c.channels, c.channels, num_classes=c.num_classes, width=c.width,
-                                 attention=c.attention, norm_groups=c.norm_groups, film=c.film).to(device)
+        model = make_model(c).to(device)
         ema_model = copy.deepcopy(model).requires_grad_(False)
         ema = EMA(c.ema_beta)
         optimizer = make_optimizer(model, c.lr, device, c.optimizer)

@@ -1,11 +1,15 @@
 """The optimizers: AdamW (the tutorial's), or Muon for the hidden layers' weight matrices with AdamW for the rest."""
 import torch
 
+from data import UserError
+
 
 def make_optimizer(model, lr, device, kind="adamw"):
     """"adamw" (the tutorial's), as one fused kernel where torch has one (CUDA, CPU), else as foreach; or "muon":
     Muon for the hidden layers' weight matrices, AdamW for the rest (biases, norms, the input and output layers and
     the label embedding, as Jordan et al. keep them)."""
+    if kind not in ("adamw", "muon"):
+        raise UserError(f"optimizer={kind!r}: expected 'adamw' or 'muon'")
     if kind == "muon":
         outer = {"inc.double_conv.0.weight", "outc.weight", "label_emb.weight"}
         groups = {True: [], False: []}  # is it a hidden layer's weight matrix?

@@ -182,41 +182,35 @@ def test_resuming_with_other_machine_settings_continues_the_same_run(tmp_path, u
     assert config["sample_steps"] == 3 and config["sampler"] == "dpm++"
 
 
-def test_sampler_option_is_checked_first_and_old_runs_read_as_ddim(tmp_path):
-    """--sampler is refused with one line before anything starts; a config.json written before SAMPLER existed
-    reads as the DDIM grid those runs had."""
+def test_sampler_option_is_checked_first(tmp_path):
+    """--sampler is refused with one line before anything starts."""
     import ddpm_conditional
-    from ddpm import read_config
     from options import check_config
     config = parse_config(vars(ddpm_conditional), ["--sampler", "plms"])
     with pytest.raises(UserError, match=r"^sampler='plms': expected 'ancestral', 'ddim' or 'dpm\+\+'$"):
         check_config(config)
-    (tmp_path / "config.json").write_text(json.dumps({"sample_steps": 50}))
-    old = read_config(tmp_path)
-    assert (old.sampler, old.attributes, old.multi_label) == ("ddim", None, False)  # before ATTRIBUTES: one label
 
 
-def test_runs_of_earlier_versions_load_with_the_settings_they_had(tmp_path, auto_is_not_the_cpu):
-    """A config.json of a run made with BOTTLENECK_EMBEDDING True (an option then) builds the model with its
-    bottleneck embedding layer (FiLM: a scale and a shift for the 8 x WIDTH channels), so its checkpoint loads;
-    one written before the option existed reads as the tutorial's bottleneck, without it, with T = 1000 steps."""
-    from ddpm import load_run, make_model, read_config
-    old = {"dataset": "shapes", "img_size": 16, "channels": 3, "num_classes": 6, "width": 8, "attention": [8],
-           "norm_groups": 4, "film": True, "schedule": "cosine", "prediction": "v", "loss_weighting": "min_snr",
-           "timesteps": "importance", "noise_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
-           "min_snr_gamma": 5.0, "res_blocks": 1, "channels_last": False, "log_every": 25, "num_workers": 4}
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text(json.dumps({**old, "bottleneck_embedding": True}))
-    model = make_model(read_config(tmp_path / "run"))
-    assert model.bot_emb_layer[1].weight.shape == (2 * 8 * 8, 256)
-    torch.save(model.state_dict(), tmp_path / "run" / "ema_ckpt.pt")
-    diffusion, loaded = load_run(tmp_path / "run", "cpu")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    assert diffusion.timesteps == "logit_normal" and diffusion.prediction == "v"  # importance: its objective
-    (tmp_path / "older").mkdir()
-    (tmp_path / "older" / "config.json").write_text(json.dumps({"sample_steps": 50}))
-    older = read_config(tmp_path / "older")
-    assert older.bottleneck_embedding is False and older.noise_steps == 1000 and older.sampler == "ddim"
+def test_a_run_of_an_earlier_version_is_one_line_saying_how_to_load_its_weights(tmp_path, uninterrupted):
+    """A config.json with a setting this version has not (RES_BLOCKS, an option once), or without one it has, and a
+    train_state.pt without a part that this version saves: one line, naming the run and how to load its weights."""
+    from ddpm import load_run, read_config
+    made_here = json.loads((uninterrupted["ddpm.py"] / "models" / RUN["ddpm.py"] / "config.json").read_text())
+    assert load_run(uninterrupted["ddpm.py"] / "models" / RUN["ddpm.py"], "cpu")  # this version's run loads
+    message = r"was made by an earlier version of this repo: load its weights by hand: model = UNet_conditional"
+    for name, config in (("older", {**made_here, "res_blocks": 1}), ("oldest", {"sample_steps": 50})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        for read in (read_config, lambda run: load_run(run, "cpu")):
+            with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / name))} {message}.*\.load_state_dict"):
+                read(tmp_path / name)
+    run("ddpm_conditional.py", "--epochs", "1", cwd=tmp_path)
+    path = tmp_path / "models" / "DDPM_conditional" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["window"]  # (what train_state.pt files lacked before the loss window was saved)
+    torch.save(state, path)
+    result = run("ddpm_conditional.py", "--epochs", "2", cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 1 and re.match(rf"error: models/DDPM_conditional {message}", result.stderr)
 
 
 def test_a_run_saved_on_another_device_resumes_with_a_new_random_stream(tmp_path):
@@ -843,21 +837,6 @@ def test_no_file_imports_one_that_imports_it_back():
 
     assert imports["ddpm_conditional"] >= {"ddpm"} and "training" not in files
     assert [name for name in files if reaches(name, name)] == []
-
-
-def test_a_train_state_of_the_version_before_resumes(tmp_path, uninterrupted):
-    """train_state.pt files written before importance.py (the sampler's losses as a pair under "timestep_losses")
-    and before "generator_device" and the loss window: the run resumes, as exactly as ever."""
-    run("ddpm_conditional.py", "--epochs", "2", cwd=tmp_path)
-    path = tmp_path / "models" / "DDPM_conditional" / "train_state.pt"
-    state = torch.load(path, weights_only=True)
-    state["timestep_losses"] = (state["importance"]["loss_square"], state["importance"]["loss_count"])
-    for key in ("importance", "generator_device", "window"):
-        del state[key]
-    torch.save(state, path)
-    assert "new stream" not in run("ddpm_conditional.py", "--epochs", "3", cwd=tmp_path).stdout
-    assert_same_training(final_state(tmp_path, "ddpm_conditional.py"),
-                         final_state(uninterrupted["ddpm_conditional.py"], "ddpm_conditional.py"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
