@@ -1,6 +1,7 @@
 """Checkpoint files, each written to a temporary file and then renamed, so that a kill at any moment leaves a whole
 file: the tutorial's ckpt.pt and ema_ckpt.pt (plain state dicts), train_state.pt (all that an exact resume needs) and
 config.json (the settings load_run and evaluate.py read); reading them back with clear messages."""
+import argparse
 import json
 from pathlib import Path
 
@@ -8,12 +9,44 @@ import torch
 import torch.distributed as dist
 
 from data import UserError
+from options import constant_comments
 from utils import replace_atomically
 
 
 # Options that may change when a run resumes; any other difference makes another run.
 RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "device", "amp", "compile", "data_dir",
                      "cfg_scale", "sampler", "logger"}
+
+
+# The settings a run's model and sampler are built from (make_model, make_diffusion), and those the scripts add.
+MODEL_SETTINGS = {"img_size", "channels", "num_classes", "width", "attention", "norm_groups", "film", "schedule",
+                  "prediction", "loss_weighting", "timesteps"}
+ADDED_SETTINGS = {"channels", "classes", "multi_label", "num_classes", "world_size"}  # (data.complete_config's)
+
+
+def earlier_version(what, weights):
+    """The one line for a run that an earlier version of this repo wrote: no code here reads it."""
+    return UserError(f"{what} was made by an earlier version of this repo: load its weights by hand: model = "
+                     f"UNet_conditional(...) (UNet(...) for ddpm.py's runs) with the settings of its config.json; "
+                     f"model.load_state_dict(torch.load('{weights}'))")
+
+
+def read_config(run):
+    """The settings of a run (models/<run_name>, or a checkpoint file in it) from its config.json."""
+    folder = Path(run) if Path(run).is_dir() or not Path(run).suffix else Path(run).parent
+    if not folder.is_dir():
+        runs = sorted(p.parent.name for p in folder.parent.glob("*/config.json"))
+        raise UserError(f"no run folder '{folder}'" + (f": the runs in {folder.parent} are {', '.join(runs)}"
+                                                       if runs else f" (and no runs in '{folder.parent}')"))
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"no {path}: the training scripts write config.json beside their checkpoints; a checkpoint "
+                        f"from elsewhere loads by hand (UNet_conditional(...).load_state_dict)")
+    config = json.loads(path.read_text())
+    options = {name.lower() for name in constant_comments(Path(__file__).with_name("ddpm_conditional.py"))}
+    if not MODEL_SETTINGS <= config.keys() <= options | ADDED_SETTINGS:  # settings lacking, or unknown here
+        raise earlier_version(folder, folder / "ema_ckpt.pt")
+    return argparse.Namespace(**config)
 
 
 def read_train_state(models_dir, config):
@@ -27,12 +60,18 @@ def read_train_state(models_dir, config):
     if state is None:
         return None
     saved = state["config"]
+    if state.keys() != TRAIN_STATE_KEYS or saved.keys() != config.keys():
+        raise earlier_version(models_dir, Path(models_dir) / "ema_ckpt.pt")
     differ = [f"{k}={saved[k]!r}, now {config[k]!r}" for k in saved.keys() & config.keys()
               if k not in RESUMABLE_CHANGES and saved[k] != config[k]]
     if differ:
         raise UserError(f"{models_dir} holds a run with other settings ({'; '.join(differ)}): pass another "
                         f"--run_name, or delete {models_dir} to start this one afresh")
     return state
+
+
+TRAIN_STATE_KEYS = {"model", "ema_model", "optimizer", "ema_step", "generator", "generator_device", "scaler",
+                    "importance", "epoch", "batch", "step", "losses", "config", "window"}  # (save_train_state's)
 
 
 def save_train_state(models_dir, config, run, epoch, batch, step, losses, window=(0.0, 0)):
@@ -62,14 +101,11 @@ def resume(state, run, log):
     load_weights(run["ema_model"], state["ema_model"], "train_state.pt (ema_model)")
     run["optimizer"].load_state_dict(state["optimizer"])  # (its learning rate is set before every step)
     run["ema"].step = state["ema_step"]
-    if run["scaler"] is not None and state.get("scaler"):
+    if run["scaler"] is not None and state["scaler"]:
         run["scaler"].load_state_dict(state["scaler"])
-    if run["importance"] is not None:  # (files written before importance.py hold a pair)
-        run["importance"].load_state_dict(state.get("importance") or dict(zip(("loss_square", "loss_count"),
-                                                                            state["timestep_losses"])))
-    generator, device = run["generator"], run["generator"].device
-    saved_on = state.get("generator_device") or (device.type if len(state["generator"]) == len(generator.get_state())
-                                                 else "another device")  # (older files: by the state's size)
+    if run["importance"] is not None:
+        run["importance"].load_state_dict(state["importance"])
+    generator, device, saved_on = run["generator"], run["generator"].device, state["generator_device"]
     if saved_on == device.type:
         generator.set_state(state["generator"])
     else:  # a CUDA generator's state does not fit a CPU generator: go on from a stream of (seed, step)
@@ -78,7 +114,7 @@ def resume(state, run, log):
             f"new stream (seed {state['config']['seed']}, step {state['step']}), so they differ from an "
             f"uninterrupted run's")
     log(f"resuming models/{state['config']['run_name']} at epoch {state['epoch'] + 1}, step {state['step']}")
-    total, count = state.get("window", (0.0, 0))
+    total, count = state["window"]
     return (state["epoch"], state["batch"], state["step"], state["losses"],
             total.to(device) if torch.is_tensor(total) else total, count)
 

@@ -21,11 +21,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoints import load_weights, read_train_state, resume, save_train_state
+from checkpoints import load_weights, read_config, read_train_state, resume, save_train_state
 from data import UserError, complete_config, image_size, load_dataset
 from importance import ImportanceSampler
-from modules import EMA, UNet, UNet_conditional, make_optimizer
-from options import check_config, clear_errors, parse_config, read_config
+from modules import EMA, UNet, UNet_conditional
+from optimizers import make_optimizer
+from options import check_config, clear_errors, parse_config
 from utils import (all_gather, amp_dtype, autocast, check_attention_memory, check_cfg_scale, check_labels,
                    distributed, from_images, get_data, grad_scaler, learning_rate, local_rank_zero_first, make_logger,
                    mean_loss, no_sync, pick_device, plot_images, save_and_stop_on_ctrl_c, save_images, save_loss_plot,
@@ -369,8 +370,7 @@ def train(config):
         state = read_train_state(models_dir, vars(c))  # None for a new run
 
         torch.manual_seed(c.seed)
-        model = UNet(c.channels, c.channels, width=c.width, attention=c.attention, norm_groups=c.norm_groups,
-                     film=c.film).to(device)
+        model = make_model(c).to(device)
         ema_model = copy.deepcopy(model).requires_grad_(False)
         ema = EMA(c.ema_beta)
         optimizer = make_optimizer(model, c.lr, device, c.optimizer)
@@ -446,19 +446,21 @@ def train(config):
 # ---------------------------------------------------------------------------------------------------------------
 
 def make_model(c):
-    """The UNet a run's settings describe: conditional when c.num_classes is set."""
-    shape = dict(width=c.width, attention=c.attention, norm_groups=c.norm_groups, film=c.film,
-                 res_blocks=getattr(c, "res_blocks", 1), bottleneck_embedding=getattr(c, "bottleneck_embedding", False))
-    if c.num_classes:
-        return UNet_conditional(c.channels, c.channels, num_classes=c.num_classes, **shape)
-    return UNet(c.channels, c.channels, **shape)
+    """The UNet a run's settings describe (conditional when c.num_classes is set); a setting it refuses is one line."""
+    shape = dict(width=c.width, attention=c.attention, norm_groups=c.norm_groups, film=c.film)
+    try:
+        if c.num_classes:
+            return UNet_conditional(c.channels, c.channels, num_classes=c.num_classes, **shape)
+        return UNet(c.channels, c.channels, **shape)
+    except ValueError as e:  # the constructor's check, naming the option
+        raise UserError(str(e)) from None
 
 
 def make_diffusion(c, device):
     """The Diffusion a run's settings describe ("importance" draws from the logit-normal's objective)."""
-    return Diffusion(getattr(c, "noise_steps", 1000), getattr(c, "beta_start", 1e-4), getattr(c, "beta_end", 0.02),
-                     c.img_size, device, c.channels, c.schedule, c.prediction, c.loss_weighting,
-                     getattr(c, "min_snr_gamma", 5.0), "logit_normal" if c.timesteps == "importance" else c.timesteps)
+    return Diffusion(img_size=c.img_size, device=device, channels=c.channels, schedule=c.schedule,
+                     prediction=c.prediction, loss_weighting=c.loss_weighting,
+                     timesteps="logit_normal" if c.timesteps == "importance" else c.timesteps)
 
 
 def load_run(run, device=None):

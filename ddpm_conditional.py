@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from checkpoints import read_train_state, resume, save_train_state
 from data import complete_config, load_dataset
-from ddpm import Diffusion, load_run, make_diffusion
+from ddpm import Diffusion, load_run, make_diffusion, make_model
 from importance import ImportanceSampler
-from modules import EMA, UNet_conditional, make_optimizer
+from modules import EMA, UNet_conditional
+from optimizers import make_optimizer
 from options import check_config, clear_errors, parse_config
 from utils import (all_gather, amp_dtype, autocast, check_attention_memory, distributed, get_data, grad_scaler,
                    learning_rate, local_rank_zero_first, make_logger, mean_loss, no_sync, plot_images,
@@ -161,8 +162,7 @@ def train(config):
         state = read_train_state(models_dir, vars(c))  # None for a new run
 
         torch.manual_seed(c.seed)
-        model = UNet_conditional(c.channels, c.channels, num_classes=c.num_classes, width=c.width,
-                                 attention=c.attention, norm_groups=c.norm_groups, film=c.film).to(device)
+        model = make_model(c).to(device)
         ema_model = copy.deepcopy(model).requires_grad_(False)
         ema = EMA(c.ema_beta)
         optimizer = make_optimizer(model, c.lr, device, c.optimizer)

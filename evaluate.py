@@ -353,13 +353,14 @@ def evaluate(args):
     dataset, data_dir = args.dataset or config.dataset, args.data_dir or config.data_dir
     size, channels = image_size(config.img_size), config.channels
     conditional, multi_label = bool(config.num_classes), config.multi_label
-    train, real, held_out = real_data(dataset, size, channels, data_dir, attributes=config.attributes)
+    attributes = getattr(config, "attributes", None)  # (ddpm.py's runs have none)
+    train, real, held_out = real_data(dataset, size, channels, data_dir, attributes=attributes)
     if train.labels.is_floating_point() != multi_label:
         kinds = "multi-hot labels (attributes)", "one class an image"
         raise UserError(f"'{args.ckpt}' was trained on {kinds[not multi_label]}, but '{dataset}' has "
                         f"{kinds[multi_label]}: pass a --dataset like the run's")
     flip = default_flip(dataset)
-    path = classifier_path(dataset, data_dir, size, channels, flip, multi_label, config.attributes)
+    path = classifier_path(dataset, data_dir, size, channels, flip, multi_label, attributes)
     classifier = get_classifier(train, path, device, amp if amp == torch.bfloat16 else None, flip)
 
     num_classes = len(real.classes)
@@ -388,11 +389,11 @@ def evaluate(args):
     done = {}
 
     def run(cfg_scale, steps, sampler):
-        sampler = sampler if steps < config.noise_steps else "ddim"  # all T steps: the ancestral sampler, whichever
+        sampler = sampler if steps < diffusion.noise_steps else "ddim"  # all T steps: the ancestral sampler, whichever
         key = cfg_scale if conditional else None, steps, sampler  # an unconditional model has no guidance
         if key not in done:  # the main setting comes back in both sweeps
             start = time.perf_counter()
-            ancestral = steps >= config.noise_steps
+            ancestral = steps >= diffusion.noise_steps
             samples = generate(diffusion, model, labels, n, cfg_scale, None if ancestral else steps, amp, args.seed,
                                sampler="ancestral" if ancestral else sampler)
             result = measure(samples, labels, classifier, real_features_a, floor, conditional, real.classes)
@@ -404,7 +405,7 @@ def evaluate(args):
     main_result, samples = run(args.cfg_scale, args.steps, args.sampler)
     report["main"] = main_result
     guidance = f", cfg_scale {args.cfg_scale:g}" if conditional else ""  # an unconditional model has none
-    line = f"{n} samples{guidance}, {sampler_name(args.steps, args.sampler, config)}: FD {main_result['fd']:.2f}"
+    line = f"{n} samples{guidance}, {sampler_name(args.steps, args.sampler, diffusion)}: FD {main_result['fd']:.2f}"
     if conditional:
         line += f", conditional accuracy {main_result['accuracy']:.3f}"
     if "attribute_accuracy" in main_result:
@@ -428,13 +429,13 @@ def evaluate(args):
         for scale in scales:
             rows.append({"sweep": "cfg_scale", **run(scale, args.steps, args.sampler)[0]})
         for sampler, steps in [("ddim", s) for s in (10, 20, 50, 100)] + [("dpm++", s) for s in (10, 20, 50)] + \
-                [("ddim", config.noise_steps)]:
+                [("ddim", diffusion.noise_steps)]:
             rows.append({"sweep": "steps", **run(args.cfg_scale, steps, sampler)[0]})
         report["sweep"] = rows
         print("\n| sweep | cfg_scale | sampler | FD | accuracy | seconds |\n|---|---|---|---|---|---|")
         for r in rows:
             accuracy = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
-            print(f"| {r['sweep']} | {r['cfg_scale']:g} | {sampler_name(r['steps'], r['sampler'], config)} | "
+            print(f"| {r['sweep']} | {r['cfg_scale']:g} | {sampler_name(r['steps'], r['sampler'], diffusion)} | "
                   f"{r['fd']:.2f} | {accuracy} | {r['seconds']} |")
         plot = Path(args.ckpt).with_name("sweep.png")
         sweep_plot(rows, plot)
@@ -448,14 +449,14 @@ def evaluate(args):
         print(f"\ndistance to the ODE's solution (DPM++ {reference_steps} steps), RMS in [-1, 1] units, {m} samples"
               f"{guidance}:\n| sampler | RMS |\n|---|---|")
         for r in rows:
-            print(f"| {sampler_name(r['steps'], r['sampler'], config)} | {r['rms']:.4f} |")
+            print(f"| {sampler_name(r['steps'], r['sampler'], diffusion)} | {r['rms']:.4f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
-def sampler_name(steps, sampler, config):
-    if steps >= config.noise_steps:
-        return f"ancestral {config.noise_steps} steps"
+def sampler_name(steps, sampler, diffusion):
+    if steps >= diffusion.noise_steps:
+        return f"ancestral {diffusion.noise_steps} steps"
     return f"{'DPM++' if sampler == 'dpm++' else 'DDIM'} {steps} steps"
 
 

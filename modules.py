@@ -1,4 +1,4 @@
-"""The UNet of the DDPM tutorial, with self-attention, the EMA helper, and the optimizers (AdamW, or Muon).
+"""The UNet of the DDPM tutorial, with self-attention, and the EMA helper.
 
 At its defaults `UNet()` / `UNet_conditional(num_classes=10)` has exactly the tutorial's state-dict keys and
 computes the same function, so checkpoints trained with the tutorial load here. Beyond the tutorial: any image size
@@ -120,14 +120,14 @@ def apply_embedding(x, emb, film):
 
 
 class Down(nn.Module):
-    """Halve the resolution, `res_blocks` residual DoubleConvs (the tutorial's 1) and one that changes the width,
-    then add the projected time (and label) embedding (or FiLM)."""
+    """Halve the resolution, a residual DoubleConv and one that changes the width, then add the projected time (and
+    label) embedding (or FiLM)."""
 
-    def __init__(self, in_channels, out_channels, emb_dim=256, groups=1, film=False, res_blocks=1):
+    def __init__(self, in_channels, out_channels, emb_dim=256, groups=1, film=False):
         super().__init__()
         self.maxpool_conv = nn.Sequential(
             nn.MaxPool2d(2),
-            *[DoubleConv(in_channels, in_channels, residual=True, groups=groups) for _ in range(res_blocks)],
+            DoubleConv(in_channels, in_channels, residual=True, groups=groups),
             DoubleConv(in_channels, out_channels, groups=groups),
         )
         self.film = film
@@ -138,14 +138,14 @@ class Down(nn.Module):
 
 
 class Up(nn.Module):
-    """Double the resolution, concatenate the skip connection, `res_blocks` residual DoubleConvs and one that
-    changes the width, add the embedding."""
+    """Double the resolution, concatenate the skip connection, a residual DoubleConv and one that changes the width,
+    add the embedding."""
 
-    def __init__(self, in_channels, out_channels, emb_dim=256, groups=1, film=False, res_blocks=1):
+    def __init__(self, in_channels, out_channels, emb_dim=256, groups=1, film=False):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
         self.conv = nn.Sequential(
-            *[DoubleConv(in_channels, in_channels, residual=True, groups=groups) for _ in range(res_blocks)],
+            DoubleConv(in_channels, in_channels, residual=True, groups=groups),
             DoubleConv(in_channels, out_channels, in_channels // 2, groups=groups),
         )
         self.film = film
@@ -164,22 +164,19 @@ class UNet(nn.Module):
                bottleneck 8x.
     attention: the downsampling factors at which the self-attention blocks run: 1 is full resolution (sa6),
                2 half (sa1, sa5), 4 a quarter (sa2, sa4), 8 an eighth (sa3). The tutorial's is (1, 2, 4, 8): all six.
-    res_blocks: residual DoubleConvs in each Down and Up level before the one that changes the width (the
-               tutorial's 1; 0 makes the model cheaper, 2 deeper); the state-dict keys stay the tutorial's at 1.
-    bottleneck_embedding: the time (and label) embedding enters the bottleneck too, between bot2 and bot3,
-               added or by FiLM as in the levels (the tutorial's bottleneck has none: False, its keys).
+    norm_groups: GroupNorm groups in every block (the tutorial's 1); film: the embedding as a scale and shift.
     device:    accepted and ignored (the tutorial passed one); move the model with .to(device).
     """
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, width=64, attention=(1, 2, 4, 8), device=None, norm_groups=1,
-                 film=False, res_blocks=1, bottleneck_embedding=False):
-        super().__init__()
-        if width % 4:
-            raise ValueError(f"width={width}: must be a multiple of 4 (self-attention uses 4 heads)")
+                 film=False):
+        super().__init__()  # (a ValueError names the option: make_model shows it as one line)
+        if width < 4 or width % 4:
+            raise ValueError(f"width={width}: must be a positive multiple of 4 (self-attention uses 4 heads)")
+        if norm_groups < 1 or width % norm_groups:
+            raise ValueError(f"norm_groups={norm_groups}: must divide width={width}")
         if not set(attention) <= {1, 2, 4, 8}:
             raise ValueError(f"attention={tuple(attention)}: factors must be among 1, 2, 4, 8")
-        if res_blocks < 0:
-            raise ValueError(f"res_blocks={res_blocks}: must be 0 or more")
         self.time_dim = time_dim
         w = width
 
@@ -187,30 +184,23 @@ class UNet(nn.Module):
             return SelfAttention(channels) if factor in attention else nn.Identity()
 
         g = norm_groups
-        if w % g:
-            raise ValueError(f"norm_groups={g}: must divide width={w}")
         self.inc = DoubleConv(c_in, w, groups=g)
-        self.down1 = Down(w, 2 * w, time_dim, g, film, res_blocks)
+        self.down1 = Down(w, 2 * w, time_dim, g, film)
         self.sa1 = attn(2 * w, 2)
-        self.down2 = Down(2 * w, 4 * w, time_dim, g, film, res_blocks)
+        self.down2 = Down(2 * w, 4 * w, time_dim, g, film)
         self.sa2 = attn(4 * w, 4)
-        self.down3 = Down(4 * w, 4 * w, time_dim, g, film, res_blocks)
+        self.down3 = Down(4 * w, 4 * w, time_dim, g, film)
         self.sa3 = attn(4 * w, 8)
 
         self.bot1 = DoubleConv(4 * w, 8 * w, groups=g)
         self.bot2 = DoubleConv(8 * w, 8 * w, groups=g)
         self.bot3 = DoubleConv(8 * w, 4 * w, groups=g)
-        self.film = film
-        if bottleneck_embedding:
-            self.bot_emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 8 * w * (2 if film else 1)))
-        else:
-            self.bot_emb_layer = None
 
-        self.up1 = Up(8 * w, 2 * w, time_dim, g, film, res_blocks)
+        self.up1 = Up(8 * w, 2 * w, time_dim, g, film)
         self.sa4 = attn(2 * w, 4)
-        self.up2 = Up(4 * w, w, time_dim, g, film, res_blocks)
+        self.up2 = Up(4 * w, w, time_dim, g, film)
         self.sa5 = attn(w, 2)
-        self.up3 = Up(2 * w, w, time_dim, g, film, res_blocks)
+        self.up3 = Up(2 * w, w, time_dim, g, film)
         self.sa6 = attn(w, 1)
         self.outc = nn.Conv2d(w, c_out, kernel_size=1)
 
@@ -230,10 +220,7 @@ class UNet(nn.Module):
         x3 = self.sa2(self.down2(x2, emb))
         x4 = self.sa3(self.down3(x3, emb))
 
-        x4 = self.bot2(self.bot1(x4))
-        if self.bot_emb_layer is not None:
-            x4 = apply_embedding(x4, self.bot_emb_layer(emb), self.film)
-        x4 = self.bot3(x4)
+        x4 = self.bot3(self.bot2(self.bot1(x4)))
 
         x = self.sa4(self.up1(x4, x3, emb))
         x = self.sa5(self.up2(x, x2, emb))
@@ -255,9 +242,8 @@ class UNet_conditional(UNet):
     """
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, width=64, attention=(1, 2, 4, 8), device=None,
-                 norm_groups=1, film=False, res_blocks=1, bottleneck_embedding=False):
-        super().__init__(c_in, c_out, time_dim, width, attention, norm_groups=norm_groups, film=film,
-                         res_blocks=res_blocks, bottleneck_embedding=bottleneck_embedding)
+                 norm_groups=1, film=False):
+        super().__init__(c_in, c_out, time_dim, width, attention, norm_groups=norm_groups, film=film)
         self.num_classes = num_classes
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_dim)
@@ -273,85 +259,3 @@ class UNet_conditional(UNet):
         if y is not None:
             emb = emb + self.label_embedding(y)
         return self.unet_forward(x, emb)
-
-
-def make_optimizer(model, lr, device, kind="adamw"):
-    """"adamw" (the tutorial's), as one fused kernel where torch has one (CUDA, CPU), else as foreach; or "muon":
-    Muon for the hidden layers' weight matrices, AdamW for the rest (biases, norms, the input and output layers and
-    the label embedding, as Jordan et al. keep them)."""
-    if kind == "muon":
-        outer = {"inc.double_conv.0.weight", "outc.weight", "label_emb.weight"}
-        groups = {True: [], False: []}  # is it a hidden layer's weight matrix?
-        for name, p in model.named_parameters():
-            groups[p.ndim >= 2 and name not in outer].append(p)
-        return Muon([{"params": groups[True], "muon": True}, {"params": groups[False], "muon": False}], lr)
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, foreach=not fused)
-
-
-def orthogonalise(g, steps=5):
-    """U V^T of each matrix g = U S V^T (g: a matrix, or a batch of matrices of one shape), approximately (its singular
-    values brought to about 0.7 to 1.2), by the quintic Newton-Schulz iteration of Jordan et al. 2024: x <- p(a) x,
-    a = x x^T, p(a) = 3.4445 - 4.7750 a + 2.0315 a^2. It runs on the Gram matrix of the short side (a <- p(a) a p(a),
-    and q, the product of the p's) and multiplies by x once at the end: the same result, with two products with the
-    wide x in all instead of two a step."""
-    x = g / (g.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # all singular values <= 1
-    tall = x.shape[-2] > x.shape[-1]
-    if tall:
-        x = x.mT
-    a = x @ x.mT
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    q = eye
-    for _ in range(steps):
-        p = 3.4445 * eye - 4.7750 * a + 2.0315 * a @ a
-        q, a = p @ q, p @ a @ p
-    x = q @ x
-    return x.mT if tall else x
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon (Jordan et al. 2024) for the parameter groups marked "muon": True, AdamW for those marked False, in one
-    optimizer (one state to save and resume). A matrix's update is its Nesterov momentum orthogonalised (a
-    convolution's weight seen as out x in*k*k), scaled to the RMS that AdamW's update has, 0.2 (Liu et al. 2025), so
-    one LR serves both. The AdamW part has beta2 0.99 (torch's default: 0.999), as in the Muon runs of
-    docs/measurements.md. (torch.optim.Muon takes 2-D parameters only, and orthogonalises in bf16, slow on CPUs
-    without it.) The matrices of one shape are orthogonalised together, as a batch: a few kernels a step, not a few
-    thousand."""
-
-    def __init__(self, groups, lr, momentum=0.95, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01):
-        super().__init__(groups, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, (beta1, beta2) = group["lr"], group["betas"]
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p)  # Muon's momentum, or AdamW's first moment
-                    if not group["muon"]:
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-            if not params:
-                continue
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])  # decoupled weight decay
-            if group["muon"]:
-                by_shape = {}
-                for p in params:
-                    by_shape.setdefault(p.shape, []).append(p)
-                for shape, same in by_shape.items():
-                    momentum = [self.state[p]["exp_avg"] for p in same]
-                    torch._foreach_lerp_(momentum, [p.grad for p in same], 1 - group["momentum"])
-                    nesterov = torch.stack([p.grad.lerp(m, group["momentum"]) for p, m in zip(same, momentum)])
-                    update = orthogonalise(nesterov.flatten(2))
-                    torch._foreach_add_(same, list(update.unflatten(2, shape[1:]).unbind()),
-                                        alpha=-lr * 0.2 * max(update.shape[1:]) ** 0.5)
-            else:  # AdamW (Loshchilov & Hutter 2019)
-                for p in params:
-                    state, grad, step = self.state[p], p.grad, self.state[p]["step"].item()
-                    state["exp_avg"].lerp_(grad, 1 - beta1)
-                    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    denominator = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-                    p.addcdiv_(state["exp_avg"], denominator, value=-lr / (1 - beta1 ** step))

@@ -170,28 +170,6 @@ def test_norm_groups_normalise_each_group_and_keep_the_keys():
         UNet(width=16, norm_groups=3)
 
 
-def test_res_blocks_add_one_residual_block_per_level_each():
-    """RES_BLOCKS: each Down and Up level has that many residual DoubleConvs (width kept) before the one that changes
-    the width. Each extra block adds exactly one DoubleConv(c, c) per level (c: the level's input channels, w, 2w, 4w
-    down and 8w, 4w, 2w up; 2 bias-free 3x3 convolutions and 2 GroupNorms: 18c^2 + 4c parameters); the tutorial's 1
-    keeps its keys."""
-    def params(model):
-        return sum(p.numel() for p in model.parameters())
-
-    w = 16
-    per_block = sum(18 * c * c + 4 * c for c in (w, 2 * w, 4 * w, 8 * w, 4 * w, 2 * w))
-    models = {r: UNet(width=w, res_blocks=r) for r in (0, 1, 2)}
-    assert params(models[1]) - params(models[0]) == params(models[2]) - params(models[1]) == per_block
-    assert models[1].state_dict().keys() == UNet(width=w).state_dict().keys()
-    for r, model in models.items():
-        residual = [m for m in model.modules() if isinstance(m, DoubleConv) and m.residual]
-        assert len(residual) == 6 * r
-        with torch.no_grad():
-            assert model(torch.randn(2, 3, 16, 24), torch.tensor([1, 500])).shape == (2, 3, 16, 24)
-    with pytest.raises(ValueError, match="res_blocks=-1: must be 0 or more"):
-        UNet(width=w, res_blocks=-1)
-
-
 def test_film_scales_and_shifts_by_the_embedding():
     """FILM: a Down block's output is x (1 + scale) + shift, scale and shift the halves of its projected embedding;
     without it the embedding is added (the tutorial's, with its keys and shapes)."""
@@ -203,38 +181,6 @@ def test_film_scales_and_shifts_by_the_embedding():
         assert torch.allclose(block(x, emb), features * (1 + scale) + shift, atol=1e-6)
     assert block.emb_layer[1].weight.shape == (32, 32) and Down(8, 16, emb_dim=32).emb_layer[1].weight.shape == (16, 32)
     assert UNet(width=16, film=True).state_dict().keys() == UNet(width=16).state_dict().keys()
-
-
-@pytest.mark.parametrize("film", [False, True])
-def test_bottleneck_embedding_enters_between_bot2_and_bot3(film):
-    """BOTTLENECK_EMBEDDING: the bottleneck's features after bot2 get the projected embedding (added, or as a FiLM
-    scale and shift) before bot3; it adds only bot_emb_layer's keys, and with that layer zeroed the model computes
-    exactly the one without it (the tutorial's bottleneck)."""
-    torch.manual_seed(0)
-    w, x, t, y = 8, torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, -1])
-    plain = UNet_conditional(num_classes=4, width=w, film=film)
-    model = UNet_conditional(num_classes=4, width=w, film=film, bottleneck_embedding=True)
-    extra = model.state_dict().keys() - plain.state_dict().keys()
-    assert extra == {"bot_emb_layer.1.weight", "bot_emb_layer.1.bias"}
-    assert model.bot_emb_layer[1].weight.shape == (8 * w * (2 if film else 1), 256)
-    model.load_state_dict(plain.state_dict(), strict=False)
-    seen = {}
-    model.bot3.register_forward_pre_hook(lambda module, inputs: seen.update(bot3_in=inputs[0]))
-    model.bot2.register_forward_hook(lambda module, inputs, output: seen.update(bot2_out=output))
-    with torch.no_grad():
-        out = model(x, t, y)
-        emb = model.pos_encoding(t, 256) + model.label_embedding(y)
-        projected = model.bot_emb_layer(emb)[:, :, None, None]
-        if film:
-            scale, shift = projected.chunk(2, dim=1)
-            expected = seen["bot2_out"] * (1 + scale) + shift
-        else:
-            expected = seen["bot2_out"] + projected
-        assert torch.allclose(seen["bot3_in"], expected, atol=1e-6)
-        assert not torch.allclose(out, plain(x, t, y), atol=1e-4)  # the embedding changes the output
-        torch.nn.init.zeros_(model.bot_emb_layer[1].weight)
-        torch.nn.init.zeros_(model.bot_emb_layer[1].bias)
-        assert torch.equal(model(x, t, y), plain(x, t, y))
 
 
 def test_attention_in_chunks_is_the_same_attention():

@@ -182,41 +182,35 @@ def test_resuming_with_other_machine_settings_continues_the_same_run(tmp_path, u
     assert config["sample_steps"] == 3 and config["sampler"] == "dpm++"
 
 
-def test_sampler_option_is_checked_first_and_old_runs_read_as_ddim(tmp_path):
-    """--sampler is refused with one line before anything starts; a config.json written before SAMPLER existed
-    reads as the DDIM grid those runs had."""
+def test_sampler_option_is_checked_first(tmp_path):
+    """--sampler is refused with one line before anything starts."""
     import ddpm_conditional
-    from ddpm import read_config
     from options import check_config
     config = parse_config(vars(ddpm_conditional), ["--sampler", "plms"])
     with pytest.raises(UserError, match=r"^sampler='plms': expected 'ancestral', 'ddim' or 'dpm\+\+'$"):
         check_config(config)
-    (tmp_path / "config.json").write_text(json.dumps({"sample_steps": 50}))
-    old = read_config(tmp_path)
-    assert (old.sampler, old.attributes, old.multi_label) == ("ddim", None, False)  # before ATTRIBUTES: one label
 
 
-def test_runs_of_earlier_versions_load_with_the_settings_they_had(tmp_path, auto_is_not_the_cpu):
-    """A config.json of a run made with BOTTLENECK_EMBEDDING True (an option then) builds the model with its
-    bottleneck embedding layer (FiLM: a scale and a shift for the 8 x WIDTH channels), so its checkpoint loads;
-    one written before the option existed reads as the tutorial's bottleneck, without it, with T = 1000 steps."""
-    from ddpm import load_run, make_model, read_config
-    old = {"dataset": "shapes", "img_size": 16, "channels": 3, "num_classes": 6, "width": 8, "attention": [8],
-           "norm_groups": 4, "film": True, "schedule": "cosine", "prediction": "v", "loss_weighting": "min_snr",
-           "timesteps": "importance", "noise_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
-           "min_snr_gamma": 5.0, "res_blocks": 1, "channels_last": False, "log_every": 25, "num_workers": 4}
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text(json.dumps({**old, "bottleneck_embedding": True}))
-    model = make_model(read_config(tmp_path / "run"))
-    assert model.bot_emb_layer[1].weight.shape == (2 * 8 * 8, 256)
-    torch.save(model.state_dict(), tmp_path / "run" / "ema_ckpt.pt")
-    diffusion, loaded = load_run(tmp_path / "run", "cpu")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    assert diffusion.timesteps == "logit_normal" and diffusion.prediction == "v"  # importance: its objective
-    (tmp_path / "older").mkdir()
-    (tmp_path / "older" / "config.json").write_text(json.dumps({"sample_steps": 50}))
-    older = read_config(tmp_path / "older")
-    assert older.bottleneck_embedding is False and older.noise_steps == 1000 and older.sampler == "ddim"
+def test_a_run_of_an_earlier_version_is_one_line_saying_how_to_load_its_weights(tmp_path, uninterrupted):
+    """A config.json with a setting this version has not (RES_BLOCKS, an option once), or without one it has, and a
+    train_state.pt without a part that this version saves: one line, naming the run and how to load its weights."""
+    from ddpm import load_run, read_config
+    made_here = json.loads((uninterrupted["ddpm.py"] / "models" / RUN["ddpm.py"] / "config.json").read_text())
+    assert load_run(uninterrupted["ddpm.py"] / "models" / RUN["ddpm.py"], "cpu")  # this version's run loads
+    message = r"was made by an earlier version of this repo: load its weights by hand: model = UNet_conditional"
+    for name, config in (("older", {**made_here, "res_blocks": 1}), ("oldest", {"sample_steps": 50})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        for read in (read_config, lambda run: load_run(run, "cpu")):
+            with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / name))} {message}.*\.load_state_dict"):
+                read(tmp_path / name)
+    run("ddpm_conditional.py", "--epochs", "1", cwd=tmp_path)
+    path = tmp_path / "models" / "DDPM_conditional" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["window"]  # (what train_state.pt files lacked before the loss window was saved)
+    torch.save(state, path)
+    result = run("ddpm_conditional.py", "--epochs", "2", cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 1 and re.match(rf"error: models/DDPM_conditional {message}", result.stderr)
 
 
 def test_a_run_saved_on_another_device_resumes_with_a_new_random_stream(tmp_path):
@@ -366,7 +360,7 @@ def test_learning_rate_schedules_at_chosen_steps():
 def test_orthogonalise_keeps_the_singular_vectors_and_evens_the_singular_values(rows, cols):
     """Newton-Schulz turns g = U S V^T into U S' V^T, S' near 1 (Jordan et al.: about 0.7 to 1.2) for singular values
     down to a hundredth of the largest; the scale of g does not matter."""
-    from modules import orthogonalise
+    from optimizers import orthogonalise
     generator = torch.Generator().manual_seed(0)
     k = min(rows, cols)
     u = torch.linalg.qr(torch.randn(rows, k, generator=generator, dtype=torch.float64))[0]
@@ -383,7 +377,7 @@ def test_orthogonalise_keeps_the_singular_vectors_and_evens_the_singular_values(
 def test_orthogonalise_is_the_newton_schulz_iteration_on_the_matrix_itself():
     """The Gram-matrix form gives what the five quintic steps x <- 3.4445 x + (-4.7750 a + 2.0315 a^2) x, a = x x^T
     (Jordan et al.'s, on x itself) give, for wide and tall matrices."""
-    from modules import orthogonalise
+    from optimizers import orthogonalise
     generator = torch.Generator().manual_seed(0)
     for shape in [(32, 288), (288, 32), (64, 64)]:
         g = torch.randn(shape, generator=generator, dtype=torch.float64)
@@ -398,7 +392,7 @@ def test_orthogonalise_is_the_newton_schulz_iteration_on_the_matrix_itself():
 
 def test_muon_steps_matrices_of_one_shape_together_as_it_steps_each_alone():
     """Muon orthogonalises the matrices of one shape as one batch: each gets exactly the step it gets alone."""
-    from modules import Muon
+    from optimizers import Muon
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(shape, generator=generator) for shape in [(16, 8, 3, 3)] * 3 + [(8, 32), (16, 8, 3, 3)]]
     alone = [w.clone() for w in weights]
@@ -415,7 +409,7 @@ def test_muon_steps_matrices_of_one_shape_together_as_it_steps_each_alone():
 
 
 def test_muon_gives_the_other_parameters_exactly_adamws_steps():
-    from modules import Muon
+    from optimizers import Muon
     generator = torch.Generator().manual_seed(0)
     ours = [torch.randn(5, 3, generator=generator), torch.randn(7, generator=generator)]
     torchs = [p.clone() for p in ours]
@@ -433,7 +427,7 @@ def test_muon_gives_the_other_parameters_exactly_adamws_steps():
 def test_muon_step_of_a_convolution_weight():
     """The first step (momentum from zero) of a weight: decay, then the gradient seen as out x in*k*k,
     orthogonalised, scaled to the RMS 0.2 x LR of an AdamW step."""
-    from modules import Muon, orthogonalise
+    from optimizers import Muon, orthogonalise
     weight = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(0))
     before = weight.clone()
     weight.grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
@@ -446,7 +440,7 @@ def test_muon_step_of_a_convolution_weight():
 
 
 def test_muon_takes_the_hidden_weight_matrices_and_adamw_the_rest():
-    from modules import make_optimizer
+    from optimizers import make_optimizer
     model = UNet_conditional(3, 3, num_classes=6, width=8, attention=(8,), norm_groups=4, film=True)
     optimizer = make_optimizer(model, 1e-3, torch.device("cpu"), "muon")
     muon, adamw = ({id(p) for p in group["params"]} for group in optimizer.param_groups)
@@ -569,7 +563,7 @@ def test_resuming_with_other_settings_names_them(tmp_path, args, difference):
 
 
 def test_importing_the_scripts_starts_nothing(tmp_path):
-    code = "import data, ddpm, ddpm_conditional, evaluate, benchmark, modules, utils"
+    code = "import data, ddpm, ddpm_conditional, evaluate, benchmark, modules, optimizers, utils"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == "" and list(tmp_path.iterdir()) == []
@@ -843,21 +837,6 @@ def test_no_file_imports_one_that_imports_it_back():
 
     assert imports["ddpm_conditional"] >= {"ddpm"} and "training" not in files
     assert [name for name in files if reaches(name, name)] == []
-
-
-def test_a_train_state_of_the_version_before_resumes(tmp_path, uninterrupted):
-    """train_state.pt files written before importance.py (the sampler's losses as a pair under "timestep_losses")
-    and before "generator_device" and the loss window: the run resumes, as exactly as ever."""
-    run("ddpm_conditional.py", "--epochs", "2", cwd=tmp_path)
-    path = tmp_path / "models" / "DDPM_conditional" / "train_state.pt"
-    state = torch.load(path, weights_only=True)
-    state["timestep_losses"] = (state["importance"]["loss_square"], state["importance"]["loss_count"])
-    for key in ("importance", "generator_device", "window"):
-        del state[key]
-    torch.save(state, path)
-    assert "new stream" not in run("ddpm_conditional.py", "--epochs", "3", cwd=tmp_path).stdout
-    assert_same_training(final_state(tmp_path, "ddpm_conditional.py"),
-                         final_state(uninterrupted["ddpm_conditional.py"], "ddpm_conditional.py"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
