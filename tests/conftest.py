@@ -7,6 +7,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts live at the top of the repo
 
+PATIENCE = 1800  # seconds a test's command may take: a hang, never a slow or busy machine, fails it
+
 
 @pytest.fixture
 def auto_is_not_the_cpu(monkeypatch):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from conftest import PATIENCE
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--num_images", "48", "--img_size", "16", "--width", "8", "--sample_steps", "2", "--ema_start", "2",
         "--amp", "False", "--timesteps", "importance", "--device", "cpu"]
@@ -32,7 +34,7 @@ def run(cwd, *args, processes=1, torchrun=None, script="worker.py", env=()):
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     torchrun = processes > 1 if torchrun is None else torchrun
     command = [sys.executable, *(launcher if torchrun else []), script, *TINY, *args]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=PATIENCE,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
@@ -100,7 +102,7 @@ def test_the_first_process_reads_the_data_first_and_resumes_for_all(tmp_path):
     folder of its own here) resume at the same step, and hold the same weights."""
     (tmp_path / "order.py").write_text(ORDER)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "order.py"], cwd=tmp_path, check=True, capture_output=True, timeout=300)
+                    "order.py"], cwd=tmp_path, check=True, capture_output=True, timeout=PATIENCE)
     assert (tmp_path / "order.txt").read_text().split("\n") == ["0/0 in", "0/0 out", "1/1 in", "1/1 out", ""]
     (tmp_path / "worker.py").write_text(WORKER)
     own = {"OWN_FOLDERS": "1"}
@@ -150,7 +152,8 @@ def test_micro_batches_all_reduce_their_gradients_once(tmp_path):
     the same weights."""
     (tmp_path / "accumulate.py").write_text(ACCUMULATE)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "accumulate.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             "accumulate.py"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=PATIENCE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     counts = {}  # grad_accum: each rank's count of all-reduces (one a gradient bucket)
@@ -173,7 +176,7 @@ def test_on_two_machines_one_process_downloads_while_the_others_wait(tmp_path):
     machines = [subprocess.Popen(launcher, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
     for machine in machines:
-        assert machine.wait(timeout=300) == 0, machine.stderr.read()[-3000:]
+        assert machine.wait(timeout=PATIENCE) == 0, machine.stderr.read()[-3000:]
     lines = (tmp_path / "order.txt").read_text().split()
     events = [(line.split("/"), what) for line, what in zip(lines[::2], lines[1::2])]
     assert events[:2] == [(["0", "0"], "in"), (["0", "0"], "out")]  # rank 0 alone

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 import evaluate
+from conftest import PATIENCE
 from ddpm import Diffusion
 from evaluate import frechet_distance, inception_features, inception_network, reference_counts, reference_halves
 from test_diffusion import MU, STD, GaussianEps, deterministic_gain
@@ -185,7 +187,7 @@ def test_ode_error_is_each_samplers_distance_to_the_odes_solution():
 def run_evaluate(tmp_path, *args):
     """`python evaluate.py <args>` in tmp_path with an empty torch cache (no Inception weights); its output."""
     result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *args, "--device", "cpu"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300,
+                            capture_output=True, text=True, timeout=PATIENCE,
                             env={**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -193,14 +195,18 @@ def run_evaluate(tmp_path, *args):
 
 def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path, monkeypatch, capsys, auto_is_not_the_cpu):
     """Train a few steps, then evaluate: the figures are there and in range; no Inception weights here, so the FID is
-    skipped with a one-line reason; the classifier is cached beside the data for the next call. Then an unconditional
+    skipped with a one-line reason; the classifier cached beside the data is used (tests/reference's, put there:
+    training it would take a minute; the folder test below trains and caches one). Then an unconditional
     run (ddpm.py): FD only, and no guidance scale named, since it has none; its sweep's cfg_scale row is the main
     setting's samples, not drawn again (guidance does not change them: evaluate.py runs here, its sampler watched)."""
     tiny = ["--num_images", "64", "--img_size", "16", "--width", "8", "--batch_size", "16", "--sample_steps", "2",
             "--epochs", "1", "--amp", "False"]
     train("ddpm_conditional.py", *tiny, cwd=tmp_path)
+    (tmp_path / "data").mkdir()
+    shutil.copy(REPO / "tests" / "reference" / "shapes_classifier_16x16_c3.pt", tmp_path / "data")
     result = run_evaluate(tmp_path, "--ckpt", "models/DDPM_conditional/ema_ckpt.pt", "--n_per_class",
                           "4", "--steps", "3", "--sampler", "dpm++", "--ode_error", "6", "--json", "out.json")
+    assert "training a classifier" not in result.stdout
     assert "24 samples, cfg_scale 3, DPM++ 3 steps: FD" in result.stdout
     assert "FID: skipped, no Inception-v3 weights on this machine" in result.stdout
     report = json.loads((tmp_path / "out.json").read_text())
@@ -208,8 +214,6 @@ def test_evaluate_a_tiny_conditional_run_then_an_unconditional_one(tmp_path, mon
     assert report["main"]["fd"] > 0 and report["main"]["fd_floor"] > 0 and report["fid"] is None
     assert report["classifier_accuracy_real"] > 0.9  # the built-in shapes are easy to tell apart
     assert list((tmp_path / "data").glob("shapes_classifier_16x16_c3.pt"))
-    assert "once: it is cached as data/shapes_classifier_16x16_c3.pt" in result.stdout
-    assert re.search(r"classifier: +\d+%", result.stderr)  # its progress bar
     assert "distance to the ODE's solution (DPM++ 250 steps), RMS in [-1, 1] units, 6 samples" in result.stdout
     assert report["ode_error"]["reference"] == "DPM++ 250 steps"
     assert [(r["sampler"], r["steps"], r["n_samples"]) for r in report["ode_error"]["rows"]][::3] == [
@@ -264,6 +268,9 @@ def test_evaluate_a_run_on_an_image_folder_with_a_rare_class(tmp_path):
     result = run_evaluate(tmp_path, "--ckpt", "models/DDPM_conditional/ema_ckpt.pt", "--n_per_class",
                           "4", "--steps", "2", "--json", "out.json")
     assert "training a classifier on 40 real images" in result.stdout  # 32 circles + 8 squares; 8 + 2 held out
+    assert "once: it is cached as faces.classifier_16x16_c3.pt" in result.stdout
+    assert (tmp_path / "faces.classifier_16x16_c3.pt").exists()  # beside the folder, for the next call
+    assert re.search(r"classifier: +\d+%", result.stderr)  # its progress bar
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["real_reference"].startswith("5 training images held out from the classifier (20% of each class")
     assert report["n_samples"] == 5 and report["class_counts"] == [4, 1]

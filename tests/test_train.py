@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from conftest import PATIENCE
 from data import UserError, default_flip
 from ddpm import Diffusion, train_step
 from importance import ImportanceSampler
@@ -145,7 +146,7 @@ def test_killed_at_any_moment_then_resumed_gives_identical_weights(script, sched
     process = subprocess.Popen(command(script, *args), cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     state = tmp_path / "models" / RUN[script] / "train_state.pt"
-    deadline = time.time() + 120
+    deadline = time.time() + PATIENCE
     while not state.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     time.sleep(0.1)
@@ -536,7 +537,7 @@ def test_the_first_look_preset_trains_a_few_steps_and_writes_a_grid(tmp_path):
     epoch's grid, progress.gif and loss.png, in a folder of its own."""
     result = subprocess.run([sys.executable, str(REPO / "ddpm.py"), str(REPO / "config" / "first_look.py"),
                              "--device", "cpu", "--amp", "False"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=PATIENCE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "640 images, 20 steps per epoch" in result.stdout
     results = tmp_path / "results" / "first_look_uncond"
@@ -546,7 +547,7 @@ def test_the_first_look_preset_trains_a_few_steps_and_writes_a_grid(tmp_path):
 
 def test_bad_input_stops_the_command_with_one_line_and_status_1(tmp_path):
     result = subprocess.run(command("ddpm_conditional.py", "--epochs", "ten"), cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)  # a real command: its exit status and what it prints
+                            text=True, timeout=PATIENCE)  # a real command: its exit status and what it prints
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: --epochs ten: expected a value of type int (the default is 24)")
 
@@ -578,16 +579,17 @@ def test_the_tutorials_notebook_lines_work():
     exec("from ddpm_conditional import *", names)
     assert {"Diffusion", "UNet_conditional", "plot_images", "load_run", "EMA"} <= names.keys()
     torch.manual_seed(0)
-    model, diffusion = names["UNet_conditional"](num_classes=4, width=8), names["Diffusion"](img_size=8, device="cpu")
+    model = names["UNet_conditional"](num_classes=4, width=8)
+    diffusion = names["Diffusion"](noise_steps=100, img_size=8, device="cpu")  # (its T of 1000: 10 times the time)
     labels = torch.arange(4)
-    x = diffusion.sample(model, 4, labels, cfg_scale=3)  # the tutorial's call: all 1000 ancestral steps
+    x = diffusion.sample(model, 4, labels, cfg_scale=3)  # the tutorial's call: all T ancestral steps
     assert x.shape == (4, 3, 8, 8) and x.dtype == torch.uint8
     # its other calls, as it makes them: the unconditional sample, the forward process, t, the EMA
     unconditional = names["UNet"] if "UNet" in names else importlib.import_module("modules").UNet
     x = diffusion.sample(unconditional(width=8), 2)
     assert x.shape == (2, 3, 8, 8) and x.dtype == torch.uint8
     t = diffusion.sample_timesteps(5)
-    assert t.shape == (5,) and t.dtype == torch.long and 0 <= t.min() and t.max() < 1000
+    assert t.shape == (5,) and t.dtype == torch.long and 0 <= t.min() and t.max() < 100
     images = torch.rand(5, 3, 8, 8) * 2 - 1
     x_t, noise = diffusion.noise_images(images, t)
     alpha_hat = diffusion.alpha_hat[t][:, None, None, None]
@@ -714,43 +716,53 @@ def test_the_tests_train_on_the_cpu_even_where_a_gpu_is(tmp_path, auto_is_not_th
 def test_ctrl_c_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_path):
     """SIGINT mid-epoch: a checkpoint at the next step boundary, one line, exit status 1; the same command then
     finishes with the weights of a run never stopped (no steps lost, none repeated)."""
-    args = ("--epochs", "2", "--num_images", "960", "--lr_schedule", "constant")  # 60 steps an epoch
+    args = ("--epochs", "2", "--num_images", "480", "--lr_schedule", "constant")  # 30 steps an epoch
     process = subprocess.Popen(command("ddpm.py", *args), cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    while "steps per epoch" not in process.stdout.readline():  # training has started
-        assert process.poll() is None
-    time.sleep(1.0)
+    seen = ""  # the progress bar so far: wait for a step done (however slow the machine), then Ctrl-C
+    while not re.search(r"epoch 1/2: +\d+%\|[^|]*\| +[1-9]\d*/30", seen):
+        chunk = os.read(process.stderr.fileno(), 4096).decode()
+        assert chunk, f"the run ended before its first step: {seen[-2000:]}"
+        seen += chunk
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=PATIENCE)
+    err = seen + err
     assert process.returncode == 1 and re.search(r"^stopped after step (\d+), saved in models/DDPM_unconditional: "
                                                  r"run the same command to resume$", err, re.M), err[-2000:]
     assert "Ctrl-C: saving after this step, then stopping (Ctrl-C again stops at once)" in err  # said at once
     stopped = int(re.search(r"stopped after step (\d+)", err).group(1))
     state = final_state(tmp_path, "ddpm.py")
-    assert state["step"] == stopped < 120 and state["batch"] == stopped % 60 != 0  # mid-epoch, that very step
+    assert state["step"] == stopped < 60 and state["batch"] == stopped % 30 != 0  # mid-epoch, that very step
     resumed = run("ddpm.py", *args, cwd=tmp_path).stdout
     assert f"step {stopped}" in resumed
     whole = tmp_path / "whole"
     whole.mkdir()
     run("ddpm.py", *args, cwd=whole)
-    assert final_state(tmp_path, "ddpm.py")["step"] == 120  # the logged losses too: the window since the last
+    assert final_state(tmp_path, "ddpm.py")["step"] == 60  # the logged losses too: the window since the last
     assert_same_training(final_state(tmp_path, "ddpm.py"), final_state(whole, "ddpm.py"))  # readout was saved
 
 
-def test_ctrl_c_twice_before_the_first_checkpoint_says_nothing_was_saved(tmp_path):
-    """A second Ctrl-C stops at once: in the first epoch, with no checkpoint yet, it says that nothing was saved
-    (not that the last checkpoint is kept), and leaves no file."""
-    process = subprocess.Popen(command("ddpm.py", "--epochs", "1", "--num_images", "4800"), cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while "steps per epoch" not in process.stdout.readline():  # training has started
-        assert process.poll() is None
-    process.send_signal(signal.SIGINT)
-    time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 1 and err.rstrip().endswith(
-        "stopped at once, before the first checkpoint: nothing was saved"), err[-2000:]
-    assert "Traceback" not in err and not (tmp_path / "models").exists()
+@pytest.mark.parametrize("saved", [False, True])
+def test_a_second_ctrl_c_stops_at_once_saying_what_is_kept(tmp_path, capsys, saved):
+    """The loop's Ctrl-C handler (the two presses sent to this process): the first says at once that the run saves
+    after this step; the second stops at once, saying that the last checkpoint is kept, or, before the first one
+    (the first epoch), that nothing was saved."""
+    from utils import save_and_stop_on_ctrl_c
+    models = tmp_path / "models" / "run"
+    if saved:
+        models.mkdir(parents=True)
+        (models / "train_state.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as stop:
+        with save_and_stop_on_ctrl_c(models) as interrupted:
+            assert not interrupted()
+            os.kill(os.getpid(), signal.SIGINT)
+            assert interrupted()
+            assert "Ctrl-C: saving after this step, then stopping" in capsys.readouterr().err
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # (the second press lands here)
+    expected = (f"stopped at once: the last checkpoint in {models} is kept; run the same command to resume" if saved
+                else "stopped at once, before the first checkpoint: nothing was saved")
+    assert str(stop.value) == expected
 
 
 def test_a_run_that_fails_leaves_no_empty_folders_and_a_missing_run_is_named(tmp_path, monkeypatch):
@@ -769,8 +781,8 @@ def test_a_run_that_fails_leaves_no_empty_folders_and_a_missing_run_is_named(tmp
 
 def test_the_loss_and_the_grids_go_to_tensorboard_when_asked(tmp_path):
     """LOGGER = "tensorboard" (the tutorial's): runs/<RUN_NAME>/ holds every loss readout of loss.png and the
-    learning rate (of the step logged: warming up here), at its step, and each epoch's sample grid as an image (the Images tab), across a resume too.
-    (Skipped where the tensorboard package is not installed: requirements-dev.txt has it.)"""
+    learning rate (of the step logged: warming up here), at its step, and each epoch's sample grid as an image (the
+    Images tab), across a resume too. (Skipped where the tensorboard package is not installed.)"""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run("ddpm.py", "--epochs", "1", "--logger", "tensorboard", cwd=tmp_path)
