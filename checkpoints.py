@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from data import UserError
-from options import constant_comments
+from options import MACHINE_OPTIONS, constant_comments
 from utils import replace_atomically
 
 
@@ -43,7 +43,8 @@ def read_config(run):
         raise UserError(f"no {path}: the training scripts write config.json beside their checkpoints; a checkpoint "
                         f"from elsewhere loads by hand (UNet_conditional(...).load_state_dict)")
     config = json.loads(path.read_text())
-    options = {name.lower() for name in constant_comments(Path(__file__).with_name("ddpm_conditional.py"))}
+    options = {name.lower() for name in [*constant_comments(Path(__file__).with_name("ddpm_conditional.py")),
+                                         *MACHINE_OPTIONS]}
     if not MODEL_SETTINGS <= config.keys() <= options | ADDED_SETTINGS:  # settings lacking, or unknown here
         raise earlier_version(folder, folder / "ema_ckpt.pt")
     return argparse.Namespace(**config)

@@ -5,7 +5,8 @@
     python ddpm_conditional.py config/fashion_mnist.py  # presets are in config/; options override them:
     python ddpm_conditional.py --dataset multishapes --run_name multishapes   # multi-hot labels (attributes)
 
-Every UPPERCASE constant below is also a command-line option of the same name in lower case (--help lists them).
+Every UPPERCASE constant below is also a command-line option of the same name in lower case (--help lists them, and
+--data_dir, --save_every and --compile, every script's, in options.py).
 What makes training conditional: each sample's label is dropped to the null condition with probability CFG_DROP
 (drop_labels: one network learns the conditional and the unconditional model), the EMA update after each step
 (train_step), and the sample grid, guided with CFG_SCALE (the mix itself: Diffusion.guided_output in ddpm.py).
@@ -64,16 +65,14 @@ OPTIMIZER = "adamw"       # "adamw" (tutorial) or "muon" (Muon for the weight ma
 SAMPLER = "ddim"          # the sample grid's sampler: "ddim", "dpm++" (DPM-Solver++(2M)) or "ancestral" (tutorial)
 SAMPLE_STEPS = 20         # its steps (20: as good as 50; "ancestral" takes all 1000)
 # --- data and machine ---
-DATA_DIR = "data"         # where torchvision datasets are downloaded to / looked for
+# (and --data_dir, --save_every, --compile: every script's, command-line only, in options.py)
 NUM_IMAGES: int | None = None  # a fixed random subset of this many training images (None: all; "shapes": 10000)
 ATTRIBUTES: str | None = None  # multi-label data: the attributes to learn, e.g. "Smiling,Eyeglasses" (None: all)
 FLIP: bool | None = None  # random horizontal flips; None: the dataset's (off for mnist and fashion_mnist)
 GRAD_ACCUM = 1            # micro-batches of BATCH_SIZE per optimizer step (a big model on a small GPU): same result
-SAVE_EVERY = 0            # also save every N steps within an epoch (0: only at the end of each epoch)
 SEED = 0
 DEVICE = "auto"           # "auto": CUDA, else Apple MPS, else CPU; or "cpu", "cuda", "cuda:1", "mps"
 AMP: bool | str = True    # mixed precision: bf16 where native, fp16 on older CUDA GPUs, else fp32; or "bf16", "fp16"
-COMPILE = False           # torch.compile the model
 LOGGER: str | None = None  # the loss, LR and sample grids also to "tensorboard" (runs/<RUN_NAME>/, as the tutorial)
                            # or "wandb" (offline: WANDB_MODE=offline); each needs its package
 

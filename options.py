@@ -1,6 +1,7 @@
 """A script's UPPERCASE constants as command-line options: preset files first (nanoGPT's configurator: `python
 ddpm_conditional.py config/tutorial.py`), then `--name VALUE`; --help shows each constant's comment from the script,
-grouped as the script groups them; check_config says what is wrong with a setting before anything starts."""
+grouped as the script groups them, and the machine's options that no script lists (MACHINE_OPTIONS); check_config
+says what is wrong with a setting before anything starts."""
 import argparse
 import ast
 import contextlib
@@ -14,16 +15,29 @@ from data import UserError, attribute_names, image_size
 from utils import check_cfg_scale
 
 
+# Options of every script that are not among its constants (they change where and how fast a run goes, not what it
+# learns; a run resumes with other values): {NAME: (default, comment)}, in --help's "data and machine" group. A preset
+# may set them too, and a run's config holds them as it holds the constants (config.json: data_dir, ...).
+MACHINE_GROUP = "data and machine"
+MACHINE_OPTIONS = {
+    "DATA_DIR": ("data", "where torchvision datasets are downloaded to / looked for"),
+    "SAVE_EVERY": (0, "also save every N steps within an epoch (0: only at the end of each epoch)"),
+    "COMPILE": (False, "torch.compile the model"),
+}
+
+
 def parse_config(constants, argv=None, ignore=(), preset_run_suffix=""):
-    """A script's UPPERCASE constants as a namespace of lower-case names, overridden first by preset files (nanoGPT's
-    configurator: `python ddpm_conditional.py config/tutorial.py` runs the file and takes the constants it sets),
-    then by `--name VALUE` options. VALUE is a Python literal (64, 3e-4, True, None, "1,2,4,8") or else a string, of
-    the constant's type (its annotation's, when it has one); a bare `--flag` is True. `ignore`: constant names a
-    preset may set that this script has not (the conditional script's, in ddpm.py); `preset_run_suffix`: added to
-    a preset's RUN_NAME, so that the two scripts' runs of one preset have folders of their own (ddpm.py: "_uncond")."""
+    """A script's UPPERCASE constants, and MACHINE_OPTIONS, as a namespace of lower-case names, overridden first by
+    preset files (nanoGPT's configurator: `python ddpm_conditional.py config/tutorial.py` runs the file and takes the
+    constants it sets), then by `--name VALUE` options. VALUE is a Python literal (64, 3e-4, True, None, "1,2,4,8")
+    or else a string, of the constant's type (its annotation's, when it has one); a bare `--flag` is True.
+    `ignore`: constant names a preset may set that this script has not (the conditional script's, in ddpm.py);
+    `preset_run_suffix`: added to a preset's RUN_NAME, so that the two scripts' runs of one preset have folders of
+    their own (ddpm.py: "_uncond")."""
     argv = sys.argv[1:] if argv is None else list(argv)
     defaults = {name: value for name, value in constants.items()
                 if name.isupper() and isinstance(value, (bool, int, float, str, tuple, type(None)))}
+    defaults.update((name, default) for name, (default, _) in MACHINE_OPTIONS.items() if name not in defaults)
     annotations = constants.get("__annotations__", {})
     for preset in [arg for arg in argv if not arg.startswith("-") and arg.endswith(".py")]:
         argv.remove(preset)
@@ -58,11 +72,13 @@ def read_preset(path, defaults, ignore=()):
 
 def options_parser(constants, defaults, annotations=None):
     """An --option for each constant, its help the constant's comment in the script, grouped as the script groups
-    them (its `# --- group ---` lines)."""
+    them (its `# --- group ---` lines); MACHINE_OPTIONS's in their group."""
     parser = ErrorParser(description=constants.get("__doc__"), formatter_class=argparse.RawDescriptionHelpFormatter,
                          allow_abbrev=False,  # --epoch is a misspelling, not --epochs
                          usage="%(prog)s [config/PRESET.py ...] [--option VALUE ...]")
-    comments, groups, group = constant_comments(constants.get("__file__")), {}, parser
+    comments = {**{name: (MACHINE_GROUP, comment) for name, (_, comment) in MACHINE_OPTIONS.items()},
+                **constant_comments(constants.get("__file__"))}
+    groups, group = {}, parser
     for name, default in defaults.items():
         title = comments.get(name, (None, ""))[0]
         if title:

@@ -313,7 +313,7 @@ def test_constants_become_typed_command_line_options():
                  "CHANNELS": None, "lowercase": 1, "EMA": object()}
     c = parse_config(constants, [])
     assert vars(c) == {"img_size": 32, "lr": 3e-4, "amp": True, "dataset": "shapes", "attention": (4, 8),
-                       "channels": None}
+                       "channels": None, "data_dir": "data", "save_every": 0, "compile": False}  # (MACHINE_OPTIONS)
     c = parse_config(constants, ["--img_size", "64,128", "--lr", "1", "--amp", "false", "--dataset", "data/my faces",
                                  "--attention", "8", "--channels", "1"])
     assert (c.img_size, c.lr, c.amp, c.dataset, c.attention, c.channels) == ((64, 128), 1, False, "data/my faces",

@@ -829,6 +829,23 @@ def test_help_shows_each_constants_comment_grouped_and_the_docstrings_commands(c
     assert "--compile [BOOL] torch.compile the model (default: False)" in flat
     assert parse_config(vars(ddpm_conditional), ["--compile"]).compile is True
     assert parse_config(vars(ddpm_conditional), ["--compile", "True"]).compile is True
+    # the three options of the machine that are not constants (options.MACHINE_OPTIONS), in the machine's group
+    machine = out.partition("\ndata and machine:\n")[2]
+    assert "--data_dir VALUE" in machine and "--save_every VALUE" in machine and "--compile [BOOL]" in machine
+    assert "where torchvision datasets are downloaded to / looked for (default: 'data')" in flat
+    import ddpm
+    assert not hasattr(ddpm_conditional, "COMPILE") and not hasattr(ddpm, "DATA_DIR")
+    c = parse_config(vars(ddpm), ["--save_every", "5", "--data_dir", "elsewhere"])
+    assert (c.save_every, c.data_dir, c.compile) == (5, "elsewhere", False)
+
+
+def test_a_preset_may_set_the_options_of_the_machine_that_no_script_lists(tmp_path):
+    """DATA_DIR, SAVE_EVERY and COMPILE in a preset, as before they left the scripts' constants."""
+    import ddpm_conditional
+    preset = tmp_path / "machine.py"
+    preset.write_text('DATA_DIR = "/data"\nSAVE_EVERY = 100\nCOMPILE = True\n')
+    c = parse_config(vars(ddpm_conditional), [str(preset)])
+    assert (c.data_dir, c.save_every, c.compile) == ("/data", 100, True)
 
 
 def test_no_file_imports_one_that_imports_it_back():
