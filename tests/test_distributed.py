@@ -45,17 +45,22 @@ def weights(cwd, rank=0):
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """... and each process in a folder of its own, as on machines without a shared filesystem: only rank 0 writes,
+    and on resume rank 0's train_state.pt reaches every process, so all resume at the same step."""
     single, double = tmp_path / "single", tmp_path / "double"
     for cwd in single, double:
         cwd.mkdir()
         (cwd / "worker.py").write_text(WORKER)
     run(single, "--batch_size", "16", "--epochs", "2")  # 3 steps of 16 images per epoch
     accumulate = ["--batch_size", "4", "--grad_accum", "2"]  # 2 processes x 2 micro-batches x 4 images per step
-    run(double, *accumulate, "--epochs", "1", processes=2)  # stopped after epoch 1
-    out = run(double, *accumulate, "--epochs", "2", processes=2)  # ... and resumed under torchrun
+    own = {"OWN_FOLDERS": "1"}
+    run(double, *accumulate, "--epochs", "1", processes=2, env=own)  # stopped after epoch 1
+    assert not (double / "rank1" / "models").exists()  # only rank 0 writes
+    out = run(double, *accumulate, "--epochs", "2", processes=2, env=own)  # ... and resumed under torchrun
     assert out.count("resuming") == 1 and out.count("done:") == 1  # only rank 0 speaks
+    assert "resuming models/DDPM_conditional at epoch 2, step 3" in out
 
-    rank0, rank1, reference = weights(double, 0), weights(double, 1), weights(single)
+    rank0, rank1, reference = weights(double / "rank0", 0), weights(double / "rank1", 1), weights(single)
     for part in ("model", "ema_model"):
         assert all(torch.equal(rank0[part][k], rank1[part][k]) for k in rank0[part]), f"ranks differ: {part}"
         ddp, one = (torch.cat([w.flatten() for w in state[part].values()]) for state in (rank0, reference))
@@ -63,7 +68,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
         # weights, so compare the whole model (dropping other labels alone makes it differ by 2-4%)
         assert (ddp - one).norm() < 1e-4 * one.norm(), part
     state, single_state = (torch.load(cwd / "models" / "DDPM_conditional" / "train_state.pt", weights_only=True)
-                           for cwd in (double, single))
+                           for cwd in (double / "rank0", single))
     assert state["config"]["world_size"] == 2 and state["step"] == 6
     # the loss logged at every step (the mean over both processes) is the one-process loss of the same global batch
     torch.testing.assert_close(state["losses"], single_state["losses"], rtol=1e-5, atol=0)
@@ -96,22 +101,13 @@ dist.destroy_process_group()
 """
 
 
-def test_the_first_process_reads_the_data_first_and_resumes_for_all(tmp_path):
-    """Under torchrun the first process of a machine prepares the data (a download) while the others wait; on resume
-    rank 0's train_state.pt reaches every process, so machines without a shared filesystem (each process in a
-    folder of its own here) resume at the same step, and hold the same weights."""
+def test_the_first_process_reads_the_data_first(tmp_path):
+    """Under torchrun the first process of a machine prepares the data (a download) while the others wait (the
+    resume across folders of their own: the test above)."""
     (tmp_path / "order.py").write_text(ORDER)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "order.py"], cwd=tmp_path, check=True, capture_output=True, timeout=PATIENCE)
     assert (tmp_path / "order.txt").read_text().split("\n") == ["0/0 in", "0/0 out", "1/1 in", "1/1 out", ""]
-    (tmp_path / "worker.py").write_text(WORKER)
-    own = {"OWN_FOLDERS": "1"}
-    run(tmp_path, "--batch_size", "8", "--epochs", "1", processes=2, env=own)
-    assert not (tmp_path / "rank1" / "models").exists()  # only rank 0 writes
-    out = run(tmp_path, "--batch_size", "8", "--epochs", "2", processes=2, env=own)
-    assert "resuming models/DDPM_conditional at epoch 2, step 3" in out
-    rank0, rank1 = weights(tmp_path / "rank0", 0), weights(tmp_path / "rank1", 1)
-    assert all(torch.equal(rank0["model"][k], rank1["model"][k]) for k in rank0["model"])
 
 
 ACCUMULATE = f"""
