@@ -137,12 +137,12 @@ def save_json(obj, path):
 
 
 def cpu_state(model):
-    return {k: v.cpu() for k, v in model.state_dict().items()}
+    return on_cpu(model.state_dict())
 
 
 def on_cpu(state):
-    """An optimizer's state_dict with its tensors on the CPU (fused AdamW keeps its `step` counts on the GPU; loading
-    puts each back where its parameter is)."""
+    """A state_dict with its tensors on the CPU (a model's; an optimizer's: fused AdamW keeps its `step` counts on the
+    GPU; loading puts each back where its parameter is)."""
     if torch.is_tensor(state):
         return state.cpu()
     if isinstance(state, dict):

@@ -387,7 +387,6 @@ def check_cfg_scale(cfg_scale):
     labels asked for)."""
     if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
         raise UserError(f"cfg_scale={cfg_scale!r}: expected 0 or more (1: conditional, above 1: guided)")
-    return cfg_scale
 
 
 # ---------------------------------------------------------------------------------------------------------------
