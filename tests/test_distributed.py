@@ -138,6 +138,8 @@ for grad_accum in (1, 4):
     dist.all_gather(everyone, weights)
     assert torch.equal(everyone[0], everyone[1]), "the ranks' weights differ"
     print(f"grad_accum {{grad_accum}}: {{len(all_reduces)}} all-reduces")
+    del ddp  # (a DDP model left alive when the process group goes can abort the process at exit)
+dist.barrier()
 dist.destroy_process_group()
 """
 
