@@ -3,12 +3,12 @@
     python ddpm.py                                   # the built-in "shapes" data, no download
     python ddpm.py config/tutorial.py                # the tutorial's setting (config/: presets): models/tutorial_uncond
     python ddpm.py --dataset cifar10 --img_size 64   # every UPPERCASE constant below is an option (--help)
+    torchrun --nproc_per_node=N ddpm.py              # N processes (GPUs), DistributedDataParallel
 
-Below the constants: Diffusion (the forward process, Algorithm 2, DDIM and DPM-Solver++ sampling, classifier-free
-guidance, RePaint inpainting and SDEdit img2img), then training: train_step (Algorithm 1), the sample grid and
-train(), the loop; last, load_run. Checkpoints go to models/<RUN_NAME>/, sample grids and the loss curve to
-results/<RUN_NAME>/; Ctrl-C saves and stops, and running the same command again resumes.
-`torchrun --nproc_per_node=N ddpm.py ...` trains on N processes (GPUs) with DistributedDataParallel.
+Below the constants: Diffusion (the forward process, Algorithm 2, DDIM and DPM-Solver++, classifier-free guidance,
+RePaint inpainting, SDEdit img2img), then train_step (Algorithm 1) and train(), the loop; last, load_run. Checkpoints
+go to models/<RUN_NAME>/, grids and the loss curve to results/<RUN_NAME>/; Ctrl-C saves and stops; the same command
+again resumes.
 """
 import argparse
 import copy
@@ -143,9 +143,8 @@ class Diffusion:
                frames_every=None):
         """n images as uint8 (n, C, H, W) from pure noise: sampler "ancestral" (Algorithm 2, all T steps), or `steps`
         steps of deterministic "ddim" or "dpm++" (DPM-Solver++(2M)); None: ancestral if steps is None, else DDIM.
-        labels: class indices (n,) (-1: none, the unconditional model) or multi-hot vectors (n, classes), or None;
-        cfg_scale: the guidance, as in the tutorial (0 or 1: the conditional model, unguided; above 1: guided).
-        frames_every=k: (images, the predicted x_0 every k steps): an animation."""
+        labels: class indices (n,) (-1: none) or multi-hot vectors (n, classes), or None; cfg_scale as the tutorial's
+        (0 or 1: the conditional model, above 1: guided). frames_every=k: also the predicted x_0 every k steps."""
         x = torch.randn((n, self.channels, *self.img_size), device=self.device, generator=generator)
         out = self.denoise(model, x, labels, cfg_scale, steps, generator, progress, sampler, frames_every=frames_every)
         return (to_images(out[0]), out[1]) if frames_every else to_images(out)
@@ -153,8 +152,7 @@ class Diffusion:
     @torch.inference_mode()
     def denoise(self, model, x, labels=None, cfg_scale=3, steps=None, generator=None, progress=False, sampler=None,
                 start=None, frames_every=None):
-        """The reverse process from x = x_t at timestep index `start` (None: T - 1, pure noise) down to x_0 (floats,
-        about [-1, 1]), as sample describes it."""
+        """The reverse process, as sample's, from x = x_t at timestep index `start` (None: T - 1) to x_0 (floats)."""
         labels, model = check_labels(model, labels, len(x), self.device), model.to(self.device)  # (one device)
         check_cfg_scale(cfg_scale)
         start = self.noise_steps - 1 if start is None else start
@@ -189,8 +187,8 @@ class Diffusion:
         return (x, frames) if frames_every else x
 
     def denoised(self, model, x, step, labels, cfg_scale):
-        """The x_0 the guided network predicts from x = x_t at timestep `step`, clipped to the data range as in the
-        paper's code (from eps it divides by sqrt(alpha_hat) ~ 0.006 at high noise)."""
+        """The x_0 the guided network predicts from x = x_t, clipped to the data range as in the paper's code (from eps
+        it divides by sqrt(alpha_hat) ~ 0.006 at high noise)."""
         t = torch.full((len(x),), step, device=x.device, dtype=torch.long)
         output = self.guided_output(model, x, t, labels, cfg_scale).float()
         return self.predicted_x0(output, x, self.alpha_hat_list[step]).clamp(-1, 1)
@@ -204,10 +202,9 @@ class Diffusion:
         return output
 
     def guided_output(self, model, x, t, labels, cfg_scale):
-        """The network's output with classifier-free guidance: out_u + s (out_c - out_u) (Ho & Salimans 2022, eq. 6,
-        with s = 1 + w). For eps it is their formula; v and x_0 are affine in eps at fixed x_t, so it is the same.
-        As the tutorial guides only when cfg_scale > 0, 0 is the conditional model too (the unconditional one: labels
-        None or -1)."""
+        """The output with classifier-free guidance: out_u + s (out_c - out_u) (Ho & Salimans 2022, eq. 6, s = 1 + w;
+        v and x_0 are affine in eps at fixed x_t, so it holds for them too). As the tutorial guides only when
+        cfg_scale > 0, 0 is the conditional model too."""
         if labels is None:
             return model(x, t)
         if cfg_scale in (0, 1):
@@ -270,12 +267,10 @@ class Diffusion:
 
     @torch.inference_mode()
     def inpaint(self, model, images, mask, labels=None, cfg_scale=3, steps=50, resample=1, generator=None):
-        """RePaint (Lugmayr et al. 2022, Algorithm 1): fill in uint8 images (n, C, H, W) where mask is 0, keeping them
-        where it is 1 (mask: (n or 1, 1 or C, H, W)): DDIM's `steps` timesteps (None: all T) as stochastic posterior
-        steps (eta = 1), the known pixels the real image noised to each step's level; `resample` > 1 repeats each
-        step after noising it one step back, which harmonises the two regions. On independent Gaussian pixels 50
-        steps lose 10% of the std (1000: 3%); on correlated pixels resample=1 recovers about 57% of the shift that
-        the known pixels imply, resample=10 about 92%."""
+        """RePaint (Lugmayr et al. 2022, Algorithm 1): fill in uint8 images (n, C, H, W) where mask (n or 1, 1 or C,
+        H, W) is 0, keep them where it is 1: DDIM's `steps` timesteps (None: all T) as stochastic posterior steps, the
+        known pixels the real image noised to each step's level; `resample` > 1 redoes each step after noising it one
+        step back, which harmonises the two regions (README.md: by how much)."""
         known = from_images(images, (self.channels, *self.img_size), self.device)
         mask = torch.as_tensor(mask).float().to(self.device)  # (a float64 numpy mask: MPS has no float64)
         if mask.ndim != 4 or any(m not in (1, k) for m, k in zip(mask.shape, known.shape)):
@@ -304,16 +299,13 @@ class Diffusion:
         return to_images(x)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training: Algorithm 1 a step at a time, the sample grid, and the loop
-# ---------------------------------------------------------------------------------------------------------------
+# --- training: Algorithm 1 a step at a time, the sample grid, and the loop ---
 
 def train_step(model, ema_model, ema, optimizer, diffusion, images, generator, c, amp=None, scaler=None,
                importance=None, rank=0, world_size=1):
     """One optimizer step of Algorithm 1 on a batch of uint8 images, then the EMA update; returns the loss as a tensor
-    (no wait for the device). scaler: a GradScaler for float16 (a step whose gradients overflow is skipped).
-    Under torchrun every process draws the random numbers of the whole global batch (the same generator) and keeps
-    its own slice, so N processes compute what one process does with the global batch."""
+    (no wait for the device). scaler: float16's GradScaler. Under torchrun every process draws the random numbers of
+    the whole global batch and keeps its slice, so N processes compute what one does with the global batch."""
     x0 = images.float() / 127.5 - 1  # [0, 255] -> [-1, 1]
     n, N, device = len(x0), len(x0) * world_size, x0.device
     mine = slice(rank * n, (rank + 1) * n)  # this process's slice of the global batch
@@ -439,9 +431,7 @@ def train(config):
         return model, ema_model
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# A run's model and diffusion from its settings; loading a trained run
-# ---------------------------------------------------------------------------------------------------------------
+# --- a run's model and diffusion from its settings; loading a trained run ---
 
 def make_model(c):
     """The UNet a run's settings describe (conditional when c.num_classes is set); a setting it refuses is one line."""

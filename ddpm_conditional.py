@@ -5,13 +5,11 @@
     python ddpm_conditional.py config/fashion_mnist.py  # presets are in config/; options override them:
     python ddpm_conditional.py --dataset multishapes --run_name multishapes   # multi-hot labels (attributes)
 
-Every UPPERCASE constant below is also a command-line option of the same name in lower case (--help lists them, and
---data_dir, --save_every and --compile, every script's, in options.py).
-What makes training conditional: each sample's label is dropped to the null condition with probability CFG_DROP
-(drop_labels: one network learns the conditional and the unconditional model), the EMA update after each step
-(train_step), and the sample grid, guided with CFG_SCALE (the mix itself: Diffusion.guided_output in ddpm.py).
-Checkpoints: models/<RUN_NAME>/{ckpt,ema_ckpt,train_state}.pt; grids (one row per class, or per attribute) and the
-loss curve: results/<RUN_NAME>/. Running the same command again resumes.
+Every UPPERCASE constant below is an option, in lower case (--help). What makes training conditional: each
+sample's label dropped to the null condition with probability CFG_DROP (drop_labels: one network learns the
+conditional and the unconditional model), the EMA update after each step (train_step), and the sample grid, guided
+with CFG_SCALE (the mix: Diffusion.guided_output in ddpm.py). Checkpoints go to models/<RUN_NAME>/, grids (a row per
+class, or attribute) and the loss curve to results/<RUN_NAME>/; the same command again resumes.
 """
 import argparse
 import copy
@@ -135,8 +133,8 @@ def grid_labels(c, per_row=8):
 
 
 def sample_grid(diffusion, ema_model, c, amp, device):
-    """The images written after each epoch, a row for each of grid_labels, guided with CFG_SCALE, from the same
-    noise every epoch (so the grids show progress)."""
+    """The images written after each epoch, a row for each of grid_labels, guided with CFG_SCALE, from the same noise
+    every epoch (so the grids show progress)."""
     labels = grid_labels(c).to(device)
     generator = torch.Generator(device).manual_seed(c.seed)
     with autocast(device, amp):

@@ -1,10 +1,7 @@
-"""The UNet of the DDPM tutorial, with self-attention, and the EMA helper.
-
-At its defaults `UNet()` / `UNet_conditional(num_classes=10)` has exactly the tutorial's state-dict keys and
-computes the same function, so checkpoints trained with the tutorial load here. Beyond the tutorial: any image size
-divisible by 8 (square or not), any channel count, a `width` that scales every layer, and `attention` choosing at
-which resolutions the self-attention blocks run.
-"""
+"""The UNet of the DDPM tutorial, with self-attention, and the EMA helper. At its defaults `UNet()` /
+`UNet_conditional(num_classes=10)` has the tutorial's state-dict keys and computes the same function, so its
+checkpoints load here. Beyond it: any image size divisible by 8, any channel count, a `width` that scales every layer,
+`attention` at chosen resolutions, GroupNorm groups and FiLM."""
 
 import torch
 import torch.nn as nn
@@ -13,10 +10,8 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class EMA:
-    """Exponential moving average of a model's weights: ema = beta * ema + (1 - beta) * model.
-
-    For the first `step_start_ema` steps the EMA model is a plain copy (the tutorial's warm-up).
-    """
+    """Exponential moving average of a model's weights: ema = beta * ema + (1 - beta) * model; for the first
+    `step_start_ema` steps a plain copy (the tutorial's warm-up)."""
 
     def __init__(self, beta):
         self.beta = beta
@@ -41,13 +36,10 @@ class EMA:
 
 
 class SelfAttention(nn.Module):
-    """Pre-LayerNorm multi-head self-attention over the H*W positions, then a residual feed-forward block.
-
-    The parameters keep nn.MultiheadAttention's layout (the tutorial's keys); the attention itself runs through
-    F.scaled_dot_product_attention (in fp32 when it trains on a CPU in bf16: torch's CPU kernel runs its backward
-    faster so). `size` is accepted for the tutorial's call signature; the size is read from the input, so any
-    resolution works.
-    """
+    """Pre-LayerNorm multi-head self-attention over the H*W positions, then a residual feed-forward block. The
+    parameters keep nn.MultiheadAttention's layout (the tutorial's keys); the attention runs through
+    F.scaled_dot_product_attention (in fp32 when it trains on a CPU in bf16: torch's CPU backward is faster so).
+    `size`, the tutorial's argument, is ignored: the input's size is used."""
 
     def __init__(self, channels, size=None, heads=4):
         super().__init__()
@@ -82,9 +74,8 @@ class SelfAttention(nn.Module):
 
 
 def attention_in_chunks(q, k, v, max_bytes=2 ** 30):
-    """scaled_dot_product_attention over a few images at a time, so that their (positions x positions) scores fit in
-    max_bytes: Apple MPS's kernel holds them all (64x64 attention: 256 MiB an image), which for a batch of sample
-    grids would need tens of GiB."""
+    """scaled_dot_product_attention a few images at a time, so that their (positions x positions) scores fit in
+    max_bytes: Apple MPS's kernel holds them all (64x64 attention: 256 MiB an image; a sample grid's: tens of GiB)."""
     images = max(1, max_bytes // (4 * q.shape[1] * q.shape[2] * k.shape[2]))
     return torch.cat([F.scaled_dot_product_attention(q[i:i + images], k[i:i + images], v[i:i + images])
                       for i in range(0, len(q), images)])
@@ -159,14 +150,10 @@ class Up(nn.Module):
 
 class UNet(nn.Module):
     """The tutorial's UNet: three Down and three Up levels, a 3-block bottleneck, self-attention after each level.
-
-    width:     channels at full resolution (the tutorial's 64); the levels below have 2x, 4x, 4x, and the
-               bottleneck 8x.
-    attention: the downsampling factors at which the self-attention blocks run: 1 is full resolution (sa6),
-               2 half (sa1, sa5), 4 a quarter (sa2, sa4), 8 an eighth (sa3). The tutorial's is (1, 2, 4, 8): all six.
-    norm_groups: GroupNorm groups in every block (the tutorial's 1); film: the embedding as a scale and shift.
-    device:    accepted and ignored (the tutorial passed one); move the model with .to(device).
-    """
+    width: channels at full resolution (the tutorial's 64); the levels below have 2x, 4x, 4x, the bottleneck 8x.
+    attention: the downsampling factors where self-attention runs: 1 full resolution (sa6), 2 half (sa1, sa5), 4 a
+    quarter (sa2, sa4), 8 an eighth (sa3); the tutorial's (1, 2, 4, 8) is all six. norm_groups: GroupNorm groups in
+    every block (the tutorial's 1); film: the embedding as a scale and shift. device: ignored (use .to(device))."""
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, width=64, attention=(1, 2, 4, 8), device=None, norm_groups=1,
                  film=False):
@@ -177,13 +164,11 @@ class UNet(nn.Module):
             raise ValueError(f"norm_groups={norm_groups}: must divide width={width}")
         if not set(attention) <= {1, 2, 4, 8}:
             raise ValueError(f"attention={tuple(attention)}: factors must be among 1, 2, 4, 8")
-        self.time_dim = time_dim
-        w = width
+        self.time_dim, w, g = time_dim, width, norm_groups
 
         def attn(channels, factor):
             return SelfAttention(channels) if factor in attention else nn.Identity()
 
-        g = norm_groups
         self.inc = DoubleConv(c_in, w, groups=g)
         self.down1 = Down(w, 2 * w, time_dim, g, film)
         self.sa1 = attn(2 * w, 2)
@@ -232,14 +217,9 @@ class UNet(nn.Module):
 
 
 class UNet_conditional(UNet):
-    """The UNet with a class embedding added to the time embedding.
-
-    y may be:
-      - class indices (n,) int64; a negative index means "no label" (the null condition of classifier-free guidance);
-      - multi-hot float vectors (n, num_classes), e.g. face attributes: the sum of their classes' embeddings
-        (an all-zero row is the null condition);
-      - None: no label for the whole batch (the tutorial's convention).
-    """
+    """The UNet with a class embedding added to the time embedding. y: class indices (n,) (negative: no label, the
+    null condition of classifier-free guidance); or multi-hot float vectors (n, num_classes), e.g. face attributes,
+    the sum of their classes' embeddings (all zeros: the null condition); or None, no label (the tutorial's)."""
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, width=64, attention=(1, 2, 4, 8), device=None,
                  norm_groups=1, film=False):

@@ -1,6 +1,6 @@
-"""The plumbing both training scripts share, each piece with one job: devices and precision, the data loader
-(get_data), the training loop's helpers, torchrun, sampling's inputs and outputs, images and plots. The datasets are
-in data.py, the checkpoint files in checkpoints.py, the options and presets in options.py."""
+"""The plumbing both training scripts share: devices and precision, the data loader (get_data), the training loop's
+helpers, torchrun, sampling's inputs and outputs, images and plots. The datasets are in data.py, the checkpoint files
+in checkpoints.py, the options and presets in options.py."""
 import contextlib
 import math
 import os
@@ -20,9 +20,8 @@ from tqdm import tqdm
 from data import ImageTensors, UserError
 from modules import UNet, UNet_conditional
 
-# ---------------------------------------------------------------------------------------------------------------
-# Device and precision
-# ---------------------------------------------------------------------------------------------------------------
+
+# --- device and precision ---
 
 def pick_device(name=None):
     """'auto' (or None): CUDA, else Apple MPS, else the CPU. Any other name must be available here."""
@@ -45,27 +44,26 @@ def pick_device(name=None):
 
 
 def nvidia_gpu_present():
-    """Whether this machine has an NVIDIA GPU with its driver loaded (Linux: the driver's /proc entry; Windows: its
-    nvidia-smi), whether or not this torch can use it."""
+    """An NVIDIA GPU with its driver loaded (Linux: its /proc entry; Windows: nvidia-smi), usable by torch or not."""
     return Path("/proc/driver/nvidia/version").exists() or (os.name == "nt" and shutil.which("nvidia-smi") is not None)
 
 
 def warn_unusable_gpu():
     """Said loudly, once: an NVIDIA GPU that this torch cannot use (a CPU build, or a CUDA build newer than the
     driver), so that nobody trains on the CPU by mistake."""
-    if getattr(warn_unusable_gpu, "said", False):
-        return
-    warn_unusable_gpu.said = True
-    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-    print(f"WARNING: this machine has an NVIDIA GPU, but torch {torch.__version__} ({build}) cannot use it, so this "
-          f"runs on the CPU. `nvidia-smi` shows the newest CUDA the driver supports; install the torch built for it, "
-          f"e.g. `pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126` (cu118, cu121, "
-          f"cu124, cu126, cu128: see pytorch.org/get-started), or update the driver.", file=sys.stderr)
+    if not getattr(warn_unusable_gpu, "said", False):
+        warn_unusable_gpu.said = True
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        print(f"WARNING: this machine has an NVIDIA GPU, but torch {torch.__version__} ({build}) cannot use it, so "
+              f"this runs on the CPU. `nvidia-smi` shows the newest CUDA the driver supports; install the torch built "
+              f"for it, e.g. `pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126` "
+              f"(cu118, cu121, cu124, cu126, cu128: see pytorch.org/get-started), or update the driver.",
+              file=sys.stderr)
 
 
 def grad_scaler(device, amp):
-    """The loss scaler float16 autocast needs (None otherwise). Refused on Apple MPS: torch's GradScaler there
-    needs float64, which MPS lacks, in the torch versions requirements.txt allows."""
+    """The loss scaler float16 autocast needs (None otherwise); refused on Apple MPS, where torch's GradScaler needs
+    float64, which MPS lacks."""
     if amp != torch.float16:
         return None
     if device.type == "mps":
@@ -74,9 +72,8 @@ def grad_scaler(device, amp):
 
 
 def check_attention_memory(device, c, budget_gib=8):
-    """On Apple MPS, attention's backward holds each head's (S x S) scores: refuse a setting whose full-resolution
-    attention would need more than budget_gib for one micro-batch, with what to change (on CUDA and CPUs the fused
-    kernels never hold them)."""
+    """Apple MPS's attention backward holds each head's (S x S) scores (CUDA's and CPUs' fused kernels never do):
+    refuse a setting that needs more than budget_gib for them in one micro-batch, saying what to change."""
     if device.type != "mps" or not c.attention:
         return
     height, width = (c.img_size, c.img_size) if isinstance(c.img_size, int) else c.img_size
@@ -89,9 +86,8 @@ def check_attention_memory(device, c, budget_gib=8):
 
 
 def bf16_supported(device):
-    """Whether this device computes in bfloat16 natively (so autocast to it is fast): CUDA GPUs from Ampere on
-    (compute capability 8.0; a T4, V100 or P100 only emulates it, slowly), and CPUs with AVX512-BF16 or AMX. Off on
-    Apple MPS, where it is not dependable."""
+    """Whether this device computes in bfloat16 natively: CUDA GPUs from Ampere on (a T4, V100 or P100 only emulates
+    it, slowly), CPUs with AVX512-BF16 or AMX; not Apple MPS, where it is not dependable."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
@@ -105,8 +101,8 @@ def bf16_supported(device):
 
 def amp_dtype(device, amp=True):
     """The autocast dtype of mixed precision on this device. amp True: bfloat16 where it is native, float16 on CUDA
-    GPUs without it (T4, V100, P100: their tensor cores run fp16; training needs a GradScaler), None (fp32)
-    elsewhere; False: None; "bf16" or "fp16": that dtype (e.g. to try fp16 on Apple MPS)."""
+    GPUs without it (T4, V100, P100: training needs a GradScaler), else None (fp32); False: None; "bf16" or "fp16":
+    that dtype (e.g. to try fp16 on Apple MPS)."""
     device = torch.device(device)
     if amp not in (True, False, "bf16", "fp16"):
         raise UserError(f"amp={amp!r}: expected True (automatic), False, 'bf16' or 'fp16'")
@@ -124,16 +120,14 @@ def amp_dtype(device, amp=True):
 
 
 def autocast(device, amp_dtype):
-    """Autocast to amp_dtype (torch.bfloat16 or torch.float16) on this device; amp_dtype None: plain fp32 (no
-    autocast at all: torch 2.5 on Apple MPS warns about an fp32 autocast even when it is disabled)."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=amp_dtype)
+    """Autocast to amp_dtype on this device; None: plain fp32, no autocast at all (torch 2.5 on Apple MPS warns about
+    an fp32 autocast even when it is disabled)."""
+    return contextlib.nullcontext() if amp_dtype is None else torch.autocast(torch.device(device).type, amp_dtype)
 
 
 def autocast_runs(device, dtype):
-    """Whether autocast to dtype really runs on this device: torch disables one it does not support there (bf16 on
-    Apple MPS before torch 2.6) with a warning, and the run would go on in fp32."""
+    """Whether autocast to dtype really runs on this device: torch disables, with a warning, one it does not support
+    there (bf16 on Apple MPS before torch 2.6), and the run would go on in fp32."""
     device = torch.device(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -141,21 +135,18 @@ def autocast_runs(device, dtype):
             return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == dtype
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Batches in a fixed order: the data loader
-# ---------------------------------------------------------------------------------------------------------------
+# --- the data loader: batches in a fixed order ---
 
 class EpochBatches(torch.utils.data.Sampler):
-    """The index batches of one epoch, the same on every run: a permutation fixed by (seed, epoch), cut into global
-    batches of batch_size * world_size, of which each process (rank) takes its own slice. The last incomplete
-    batch is dropped. set_epoch(epoch, start) picks the epoch and skips its first `start` batches (to resume). The
-    indices are on `device`, where an in-memory dataset is indexed (a GPU's: no copy to it every step)."""
+    """The index batches of an epoch, the same on every run: a permutation fixed by (seed, epoch), cut into global
+    batches of batch_size * world_size, of which each process (rank) takes its slice; the last incomplete batch is
+    dropped. set_epoch(epoch, start) skips the first `start` batches (to resume). The indices are on `device`, where an
+    in-memory dataset is indexed (a GPU's: no copy to it every step)."""
 
     def __init__(self, num_items, batch_size, seed=0, rank=0, world_size=1, device="cpu"):
         self.num_items, self.batch_size, self.seed, self.rank, self.world_size = (
             num_items, batch_size, seed, rank, world_size)
-        self.epoch = self.start = 0
-        self.device = device
+        self.epoch, self.start, self.device = 0, 0, device
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -171,10 +162,9 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 def get_data(dataset, batch_size, seed=0, device="cpu", rank=0, world_size=1, num_workers=None):
-    """A DataLoader of (uint8 images, labels) batches of `dataset` (from data.load_dataset), in the order of
-    EpochBatches: call dataloader.sampler.set_epoch(epoch) before each epoch. Datasets held in memory move to the
-    device and are indexed there; folders of files are decoded by worker processes (None: up to 4, as many as this
-    machine has cores)."""
+    """A DataLoader of (uint8 images, labels) batches of `dataset` (data.load_dataset's) in EpochBatches' order: call
+    dataloader.sampler.set_epoch(epoch) before each epoch. A dataset held in memory moves to the device and is indexed
+    there; files are decoded by worker processes (None: as many as the cores, at most 4)."""
     in_memory = isinstance(dataset, ImageTensors)
     sampler = EpochBatches(len(dataset), batch_size, seed, rank, world_size, device if in_memory else "cpu")
     if len(sampler) == 0:
@@ -183,22 +173,18 @@ def get_data(dataset, batch_size, seed=0, device="cpu", rank=0, world_size=1, nu
     if in_memory:
         return torch.utils.data.DataLoader(dataset.to(device), sampler=sampler, batch_size=None)
     if num_workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        num_workers = min(4, cores)
+        num_workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
                                        pin_memory=torch.device(device).type == "cuda",
                                        persistent_workers=num_workers > 0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The loop's helpers: the loss log, the learning rate, the loss readout, Ctrl-C
-# ---------------------------------------------------------------------------------------------------------------
+# --- the loop's helpers: the loss log, the learning rate, the loss readout, Ctrl-C ---
 
 def make_logger(kind, run_name, config):
-    """log(step, scalars, images=None) beside loss.png and the grids: the scalars ({"loss": ..., "lr": ...}) and a
-    sample grid (uint8 images) to TensorBoard (runs/<run_name>/, as the tutorial logs; the grid in its Images tab)
-    or to Weights & Biases (offline too: WANDB_MODE=offline); kind None: nowhere. Neither package is required
-    otherwise."""
+    """log(step, scalars, images=None) beside loss.png and the grids: scalars ({"loss": ..., "lr": ...}) and a sample
+    grid (uint8 images) to TensorBoard (runs/<run_name>/, as the tutorial; the grid in its Images tab) or to Weights &
+    Biases (offline too: WANDB_MODE=offline); kind None: nowhere. Neither package is required otherwise."""
     if kind is None:
         return lambda step, scalars, images=None: None
     if kind not in ("tensorboard", "wandb"):
@@ -224,9 +210,8 @@ def make_logger(kind, run_name, config):
 
 
 def learning_rate(c, step, steps_per_epoch):
-    """The learning rate of a step: LR after a linear warm-up over LR_WARMUP steps, then constant, or decayed to 0 at
-    the run's last step (cosine, Loshchilov & Hutter 2017, or linear). A function of the step alone, so a resumed
-    run continues on the same curve."""
+    """LR after a linear warm-up over LR_WARMUP steps, then constant, or decayed to 0 at the run's last step (cosine,
+    Loshchilov & Hutter 2017, or linear): a function of the step alone, so a resumed run goes on the same curve."""
     if step < c.lr_warmup:
         return c.lr * (step + 1) / c.lr_warmup
     if c.lr_schedule == "constant":
@@ -236,14 +221,13 @@ def learning_rate(c, step, steps_per_epoch):
 
 
 def time_left(started, steps_done, steps_left):
-    """The run's time left at its pace since `started` (time.perf_counter() at this process's first step; the sample
-    grids count), as tqdm writes times (h:mm:ss)."""
+    """The run's time left (h:mm:ss) at its pace since `started`, this process's first step (the grids count)."""
     return tqdm.format_interval((time.perf_counter() - started) / max(1, steps_done) * steps_left)
 
 
 def mean_loss(total, steps, world_size, step, models_dir):
     """The mean of `steps` losses summed on the device (reading it waits for the device), over all processes under
-    torchrun, so every rank sees the same loss and stops alike; a NaN or infinite loss stops the run."""
+    torchrun, so every rank stops alike; a NaN or infinite loss stops the run."""
     if world_size > 1:
         dist.all_reduce(total)
         total /= world_size
@@ -256,10 +240,9 @@ def mean_loss(total, steps, world_size, step, models_dir):
 
 @contextlib.contextmanager
 def save_and_stop_on_ctrl_c(models_dir, enabled=True):
-    """Yields interrupted(): whether Ctrl-C (SIGINT) was pressed since, so that the loop saves a checkpoint at the
-    next step boundary and stops (said at once); a second Ctrl-C stops at once, saying whether a checkpoint of the
-    run is in models_dir. Under torchrun (enabled False) Ctrl-C stops at once: the processes would not stop at the
-    same step."""
+    """Yields interrupted(): whether Ctrl-C was pressed, so that the loop saves at the next step boundary and stops
+    (said at once); a second Ctrl-C stops at once, saying whether models_dir holds a checkpoint. Under torchrun
+    (enabled False) Ctrl-C stops at once: the processes would not stop at the same step."""
     pressed = []
 
     def handler(signum, frame):
@@ -283,28 +266,25 @@ def save_and_stop_on_ctrl_c(models_dir, enabled=True):
             signal.signal(signal.SIGINT, previous)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# torchrun: one process per GPU (or CPU process), each with its slice of every global batch
-# ---------------------------------------------------------------------------------------------------------------
+# --- torchrun: one process per GPU (or CPU process), each with its slice of every global batch ---
 
 @contextlib.contextmanager
 def distributed(device):
-    """(device, rank, world_size) of this process. Under torchrun (with one process too): joins the process group,
-    NCCL on CUDA (one GPU per process, LOCAL_RANK) or gloo on the CPU, and leaves it at the end; a plain `python`
-    run is rank 0 of 1."""
+    """(device, rank, world_size) of this process. Under torchrun (with one process too) it joins the process group,
+    NCCL on CUDA (one GPU per process, LOCAL_RANK) or gloo on the CPU, and leaves it at the end; a plain `python` run
+    is rank 0 of 1."""
     device = pick_device(device)
     if "LOCAL_RANK" not in os.environ:  # not started by torchrun
         yield device, 0, 1
         return
-    if device.type == "cuda":
+    if device.type == "cuda":  # NCCL, bound to this process's GPU
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise UserError(f"torchrun: distributed training runs on CUDA (NCCL) or the CPU (gloo), not on {device}")
-    if device.type == "cuda":  # NCCL bound to this process's GPU
         dist.init_process_group("nccl", device_id=device)
-    else:
+    elif device.type == "cpu":
         dist.init_process_group("gloo")
+    else:
+        raise UserError(f"torchrun: distributed training runs on CUDA (NCCL) or the CPU (gloo), not on {device}")
     try:
         yield device, dist.get_rank(), dist.get_world_size()
     finally:
@@ -313,9 +293,9 @@ def distributed(device):
 
 @contextlib.contextmanager
 def local_rank_zero_first():
-    """Under torchrun, a block that prepares files (a download, an extraction) runs in three turns: rank 0 first,
-    then the first process of each other machine (which finds the files where the machines share a filesystem, and
-    fetches its own where not), then all the others, reading what is there; without torchrun, just the block."""
+    """Under torchrun a block that prepares files (a download) runs in three turns: rank 0, then each other machine's
+    first process (which finds the files on a shared filesystem, else fetches its own), then the rest; without
+    torchrun, just the block."""
     if not dist.is_initialized():
         yield
         return
@@ -327,8 +307,8 @@ def local_rank_zero_first():
 
 
 def no_sync(model, last_micro_batch):
-    """DistributedDataParallel all-reduces the gradients at every backward; for the micro-batches of GRAD_ACCUM before
-    the last they only add up locally (the same result, fewer all-reduces)."""
+    """DistributedDataParallel all-reduces the gradients at every backward; those of GRAD_ACCUM's micro-batches before
+    the last only add up locally (the same result, fewer all-reduces)."""
     ddp = getattr(model, "_orig_mod", model)  # (torch.compile wraps the DDP model)
     if last_micro_batch or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
@@ -344,9 +324,7 @@ def all_gather(x, world_size):
     return torch.cat(parts)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling: images in and out, labels checked
-# ---------------------------------------------------------------------------------------------------------------
+# --- sampling: images in and out, labels checked ---
 
 def to_images(x):
     """Floats in [-1, 1] -> uint8 images in [0, 255], rounded."""
@@ -365,8 +343,7 @@ def check_labels(model, labels, n, device):
     """labels as a tensor on the device, checked against the model and the number of images."""
     if labels is None:
         return None
-    labels = torch.as_tensor(labels, device=device)
-    num_classes = getattr(model, "num_classes", None)
+    labels, num_classes = torch.as_tensor(labels, device=device), getattr(model, "num_classes", None)
     if isinstance(model, UNet) and not isinstance(model, UNet_conditional):
         raise UserError("labels given to an unconditional model (a UNet): sample it with labels=None")
     if labels.is_floating_point():
@@ -383,28 +360,24 @@ def check_labels(model, labels, n, device):
 
 
 def check_cfg_scale(cfg_scale):
-    """The guidance scale, 0 or more (0 and 1: the conditional model; a negative scale would push away from the
-    labels asked for)."""
+    """The guidance scale: 0 or more (0 and 1: the conditional model; below 0 would push away from the labels)."""
     if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
         raise UserError(f"cfg_scale={cfg_scale!r}: expected 0 or more (1: conditional, above 1: guided)")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Images, plots, files
-# ---------------------------------------------------------------------------------------------------------------
+# --- images, plots, files ---
 
 def setup_logging(run_name):
-    """The folders of a run: models/<run_name> (checkpoints) and results/<run_name> (sample grids, loss curve),
-    made when the first file is written into them."""
+    """A run's folders, models/<run_name> (checkpoints) and results/<run_name> (grids, loss curve), made when their
+    first file is written."""
     if not run_name or Path(run_name).is_absolute() or ".." in Path(run_name).parts or Path(run_name) == Path("."):
         raise UserError(f"run_name={run_name!r}: expected a name for the run's folders in models/ and results/")
     return Path("models") / run_name, Path("results") / run_name
 
 
 def plot_images(images, nrow=8, path=None):
-    """Show uint8 images (n, C, H, W) as a grid: in a notebook, or a window; where matplotlib can show nothing (no
-    display), the grid is saved to `path` instead and said so (None: samples_1.png, samples_2.png, ... in turn, so
-    that no call writes over another's)."""
+    """Show uint8 images (n, C, H, W) as a grid, in a notebook or a window; where matplotlib can show nothing (no
+    display), save it to `path` instead and say so (None: samples_1.png, samples_2.png, ... in turn)."""
     import matplotlib
     import matplotlib.pyplot as plt
     grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow)
@@ -427,15 +400,15 @@ def grid_image(images, nrow=8):
 
 
 def save_images(images, path, nrow=8):
-    """Save uint8 images (n, C, H, W) as one grid image; the format follows the file's extension."""
+    """Save uint8 images (n, C, H, W) as one grid image, in the format of the file's extension."""
     image, suffix = grid_image(images, nrow), Path(path).suffix.lower()
     if suffix not in Image.registered_extensions():
         raise UserError(f"'{path}': name the image file with an extension, e.g. .png or .jpg")
     replace_atomically(path, lambda tmp: image.save(tmp, format=Image.registered_extensions()[suffix]))
 
 
-def write_gif(frames, path, ms_per_frame=200, hold_last_ms=2000):
-    """An animated GIF of PIL images, shown in order, looping, the last one held longer."""
+def save_gif(frames, path, ms_per_frame=200, hold_last_ms=2000):
+    """An animated GIF of PIL images, looping, the last one held longer."""
     durations = [ms_per_frame] * (len(frames) - 1) + [hold_last_ms]
     replace_atomically(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
                                                         duration=durations, loop=0))
@@ -443,15 +416,14 @@ def write_gif(frames, path, ms_per_frame=200, hold_last_ms=2000):
 
 def save_frames_gif(frames, path, nrow=8):
     """The frames of sample(..., frames_every=k), each a batch of uint8 images, as an animated GIF of grids."""
-    write_gif([grid_image(images, nrow) for images in frames], path)
+    save_gif([grid_image(images, nrow) for images in frames], path)
 
 
 def save_progress_gif(results_dir, epochs):
     """results/<run>/progress.gif: the sample grids of epochs 1 .. `epochs` (1.jpg, 2.jpg, ...) in order."""
-    paths = [Path(results_dir) / f"{epoch}.jpg" for epoch in range(1, epochs + 1)]
-    frames = [Image.open(path) for path in paths if path.exists()]
+    frames = [Image.open(p) for p in (Path(results_dir) / f"{e}.jpg" for e in range(1, epochs + 1)) if p.exists()]
     if frames:
-        write_gif(frames, Path(results_dir) / "progress.gif")
+        save_gif(frames, Path(results_dir) / "progress.gif")
 
 
 def save_loss_plot(losses, path):
@@ -468,8 +440,8 @@ def save_loss_plot(losses, path):
 
 
 def replace_atomically(path, write):
-    """Write to a temporary file beside `path`, then rename it over `path`: a kill at any moment leaves either the
-    old file or the new one, never half of one."""
+    """write(a temporary file beside `path`), then rename it over `path`: a kill at any moment leaves the old file or
+    the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
