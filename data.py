@@ -25,6 +25,7 @@ TORCHVISION_DATASETS = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchv
 FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "heart")
 SHAPES_TRAIN_IMAGES, SHAPES_TEST_IMAGES = 10000, 2000
+ATTRIBUTE_VALUES = {"1": 1.0, "-1": 0.0, "0": 0.0}  # present; absent (CelebA's -1, a CSV's 0)
 # no horizontal flips by default: a mirrored digit is no digit, and Fashion-MNIST's sandals, sneakers and ankle boots
 # all point their toes to the left (93%, 99.7% and 100% of them are nearer their class's mean image than to its mirror)
 MIRRORING_CHANGES_MEANING = {"mnist", "fashion_mnist"}
@@ -41,21 +42,17 @@ class ImageTensors(torch.utils.data.TensorDataset):
 
     def __init__(self, images, labels, classes):
         super().__init__(images, labels)
-        self.images, self.labels, self.classes = images, labels, list(classes)
-        self.channels = images.shape[1]
+        self.images, self.labels, self.classes, self.channels = images, labels, list(classes), images.shape[1]
 
     def to(self, device):
         return ImageTensors(self.images.to(device), self.labels.to(device), self.classes)
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files and their labels (int64 class indices (N,), or multi-hot float vectors (N, classes)), decoded and
-    resized a batch at a time.
-
-    Channels: 1 if the first readable image is grayscale, else 3, unless given. An unreadable image is named in a
-    one-line warning (once, whichever data loader worker meets it: the flags are in shared memory) and replaced by
-    the next readable one, with its label: a batch keeps its size (under torchrun every process's must).
-    """
+    """Image files and their labels, decoded and resized a batch at a time. Channels: 1 if the first readable image
+    is grayscale, else 3, unless given. An unreadable image is named in a one-line warning (once, whichever data
+    loader worker meets it: the flags are in shared memory) and replaced by the next readable one, with its label:
+    a batch keeps its size (under torchrun every process's must)."""
 
     def __init__(self, paths, labels, classes, img_size, channels=None):
         self.paths, self.labels, self.classes, self.img_size = list(paths), labels, list(classes), img_size
@@ -96,8 +93,7 @@ def load_image_folder(root, size, channels=None):
         raise UserError(f"dataset folder '{root}' has no class subfolders: put the images in "
                         f"{root}/<class name>/ (a single subfolder for unconditional training)") from None
     if not folder.samples:
-        raise UserError(f"dataset folder '{root}' has no images in its class subfolders "
-                        f"({', '.join(folder.classes)})")
+        raise UserError(f"dataset folder '{root}' has no images in its class subfolders ({', '.join(folder.classes)})")
     return ImageFiles([path for path, _ in folder.samples], torch.tensor(folder.targets), folder.classes, size,
                       channels)
 
@@ -112,42 +108,30 @@ def resize_and_crop(images, size):
     return images
 
 
-def to_channels(images, channels):
-    """Grayscale <-> RGB for uint8 images (N, C, H, W)."""
-    if images.shape[1] == channels:
-        return images
-    if channels == 3:
-        return images.expand(-1, 3, -1, -1).contiguous()
-    return TF.rgb_to_grayscale(images)
-
-
 def load_dataset(dataset, img_size, channels=None, split="train", data_dir="data", num_images=None, seed=0,
                  attributes=None):
-    """The images of `dataset` at img_size, normalised later (uint8 here).
-
-    dataset: "shapes" or "multishapes" (built in, drawn on the fly), "cifar10" / "mnist" / "fashion_mnist"
-    (torchvision, downloaded into data_dir on first use), a FER-2013 .csv file, an attribute table (.txt or .csv,
-    see load_attributes), or a folder of class subfolders. split: "train" or "test". num_images: use a fixed random
-    subset of this many images (None: all). attributes: for multi-label data (multishapes, attribute tables), the
-    comma-separated names of the attributes to keep, in that order (None: all).
-    """
+    """The images of `dataset` (split "train" or "test") at img_size, as uint8 (normalised later). dataset: "shapes",
+    "multishapes" (drawn), "cifar10", "mnist", "fashion_mnist" (downloaded into data_dir on first use), a FER-2013
+    .csv file, an attribute table (.txt or .csv, see load_attributes) or a folder of class subfolders. num_images: a
+    fixed random subset of this many images (None: all). attributes: for multi-label data, the comma-separated names
+    of the attributes to keep, in that order (None: all)."""
     size = image_size(img_size)
     if num_images is not None and (type(num_images) is not int or num_images < 1):
         raise UserError(f"num_images={num_images!r}: expected a number of images, 1 or more (None: all)")
     if dataset in ("shapes", "multishapes"):
         count = num_images or (SHAPES_TRAIN_IMAGES if split == "train" else SHAPES_TEST_IMAGES)
         draw = draw_shapes if dataset == "shapes" else draw_multishapes
-        data = draw(count, size, seed=seed if split == "train" else seed + 1_000_003)
-        num_images = None
-        if dataset == "multishapes" and attributes is not None:
-            labels, classes = select_attributes(data.labels, data.classes, attributes, "'multishapes'")
-            data = ImageTensors(data.images, labels, classes)
+        data, num_images = draw(count, size, seed=seed if split == "train" else seed + 1_000_003), None
+        if dataset == "multishapes":
+            data = ImageTensors(data.images, *select_attributes(data.labels, data.classes, attributes, "'multishapes'"))
     elif dataset in TORCHVISION_DATASETS:
         data = load_torchvision(dataset, size, split, data_dir)
     elif str(dataset).lower().endswith((".csv", ".txt")):
         if not Path(dataset).is_file():
             raise UserError(f"dataset file '{dataset}' does not exist")
-        data = (load_fer2013(dataset, size, split) if is_fer2013(dataset) else
+        with open(dataset, newline="") as f:  # FER-2013: a .csv whose header names an emotion column
+            fer2013 = str(dataset).lower().endswith(".csv") and "emotion" in next(csv.reader(f), [])
+        data = (load_fer2013(dataset, size, split) if fer2013 else
                 load_attributes(dataset, size, channels, split, attributes))
     elif Path(dataset).is_dir() or "/" in str(dataset) or os.sep in str(dataset):  # a folder, or a path to one
         if split != "train":
@@ -160,26 +144,16 @@ def load_dataset(dataset, img_size, channels=None, split="train", data_dir="data
     if attributes is not None and not data.labels.is_floating_point():
         raise UserError(f"attributes={attributes!r}: '{dataset}' has classes, not attributes (attributes are for "
                         f"multishapes and attribute tables)")
-    if isinstance(data, ImageTensors) and channels is not None:
-        data = ImageTensors(to_channels(data.images, channels), data.labels, data.classes)
+    if isinstance(data, ImageTensors) and channels not in (None, data.channels):  # grayscale <-> RGB
+        images = data.images.expand(-1, 3, -1, -1).contiguous() if channels == 3 else TF.rgb_to_grayscale(data.images)
+        data = ImageTensors(images, data.labels, data.classes)
     if num_images is not None and num_images < len(data):
         keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
-        data = (ImageTensors(data.images[keep], data.labels[keep], data.classes) if isinstance(data, ImageTensors)
-                else subset_files(data, keep))
-    return data
-
-
-def in_memory(data):
-    """A dataset from load_dataset as ImageTensors: a folder's images decoded and held in memory."""
-    if isinstance(data, ImageTensors):
-        return data
-    images, labels = data[torch.arange(len(data))]
-    return ImageTensors(images, labels, data.classes)
-
-
-def subset_files(data, keep):
-    data.paths = [data.paths[i] for i in keep.tolist()]
-    data.labels, data.warned = data.labels[keep], data.warned[keep].share_memory_()
+        if isinstance(data, ImageTensors):
+            data = ImageTensors(data.images[keep], data.labels[keep], data.classes)
+        else:  # ImageFiles: its unreadable-image flags stay in shared memory
+            data.paths = [data.paths[i] for i in keep.tolist()]
+            data.labels, data.warned = data.labels[keep], data.warned[keep].share_memory_()
     return data
 
 
@@ -202,29 +176,23 @@ def load_torchvision(name, size, split, data_dir):
                             f"put {', '.join(files)} in '{folder}' or pass --data_dir") from None
     images = torch.as_tensor(np.asarray(data.data))
     images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images[:, None]  # CIFAR is NHWC, MNIST NHW
-    labels = torch.as_tensor(data.targets, dtype=torch.int64)
     images = torch.cat([resize_and_crop(chunk, size) for chunk in images.split(4096)])
-    return ImageTensors(images, labels, data.classes)
+    return ImageTensors(images, torch.as_tensor(data.targets, dtype=torch.int64), data.classes)
 
 
 def load_fer2013(path, size, split):
     """FER-2013 as distributed: a CSV with columns emotion,pixels,Usage; 48x48 grayscale, 7 classes. The "Training"
     rows are the train split, the others (PublicTest, PrivateTest) the test split."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"FER-2013 file '{path}' does not exist")
-    images, labels = [], []
+    path, images, labels = Path(path), [], []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = {"emotion", "pixels"} - set(reader.fieldnames or [])
-        if missing:
+        if missing := {"emotion", "pixels"} - set(reader.fieldnames or []):
             raise UserError(f"'{path}' has no column {', '.join(sorted(missing))}: expected emotion,pixels,Usage")
         for row_number, row in enumerate(reader, start=2):
             if "Usage" in row and (row["Usage"] == "Training") != (split == "train"):
                 continue
             try:
-                pixels = np.array(row["pixels"].split(), dtype=np.uint8)
-                label = int(row["emotion"])
+                pixels, label = np.array(row["pixels"].split(), dtype=np.uint8), int(row["emotion"])
                 if pixels.size != 48 * 48 or not 0 <= label < len(FER_CLASSES):
                     raise ValueError(f"{pixels.size} pixels (expected 2304), emotion {label} (expected 0-6)")
             except (ValueError, OverflowError, AttributeError) as e:
@@ -233,31 +201,15 @@ def load_fer2013(path, size, split):
             labels.append(label)
     if not images:
         raise UserError(f"'{path}' has no {split} rows")
-    images = resize_and_crop(torch.from_numpy(np.stack(images)), size)
-    return ImageTensors(images, torch.tensor(labels), FER_CLASSES)
-
-
-def is_fer2013(path):
-    """Whether a data file is FER-2013 (a .csv whose header names an emotion column) rather than an attribute table
-    (CelebA's .txt, or any other .csv)."""
-    if not str(path).lower().endswith(".csv"):
-        return False
-    with open(path, newline="") as f:
-        return "emotion" in next(csv.reader(f), [])
-
-
-ATTRIBUTE_VALUES = {"1": 1.0, "-1": 0.0, "0": 0.0}  # present; absent (CelebA's -1, a CSV's 0)
+    return ImageTensors(resize_and_crop(torch.from_numpy(np.stack(images)), size), torch.tensor(labels), FER_CLASSES)
 
 
 def load_attributes(path, size, channels=None, split="train", attributes=None):
-    """An attribute table as ImageFiles labelled with multi-hot float vectors (1: the image has the attribute).
-
-    Either CelebA's list_attr_celeba.txt: a line with the number of images, a line of attribute names, then a line
-    `file v1 v2 ...` per image, values 1 or -1, separated by spaces; or a .csv with a header `file,attr1,attr2,...`
-    and values 1 or 0. The files are looked up in an img_align_celeba/ folder beside the table if there is one, else
-    beside the table. The last tenth of the rows is the test split, the rest the train split. attributes: the
-    comma-separated names to keep, in that order (None: all).
-    """
+    """An attribute table as ImageFiles labelled with multi-hot float vectors (1: the image has the attribute):
+    CelebA's list_attr_celeba.txt (a line with the number of images, a line of attribute names, then a line `file v1
+    v2 ...` per image, values 1 or -1, separated by spaces) or a .csv with a header `file,attr1,attr2,...` and values
+    1 or 0. The images are in an img_align_celeba/ folder beside the table if there is one, else beside the table.
+    The last tenth of the rows is the test split."""
     path, is_csv = Path(path), str(path).lower().endswith(".csv")
     with open(path, newline="") as f:
         lines = [(number, row) for number, row in enumerate(csv.reader(f) if is_csv else map(str.split, f), start=1)
@@ -303,8 +255,8 @@ def attribute_names(attributes):
 
 
 def select_attributes(labels, names, attributes, where):
-    """(labels, names) of the comma-separated `attributes` only, in their order (None: all); `where` says where
-    the names come from, for the message when one is missing."""
+    """(labels, names) of the comma-separated `attributes` only, in their order (None: all); `where` names the
+    source of the names in the message for a missing one."""
     if attributes is None:
         return labels, list(names)
     wanted = attribute_names(attributes)
@@ -318,9 +270,9 @@ def select_attributes(labels, names, attributes, where):
 
 def shape_outline(kind):
     """The outline of a shape as polygon points around the origin, radius about 1."""
+    s = np.linspace(0, 2 * np.pi, 48, endpoint=False)  # (circle, heart)
     if kind == "circle":
-        a = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-        return np.stack([np.cos(a), np.sin(a)], 1)
+        return np.stack([np.cos(s), np.sin(s)], 1)
     if kind == "square":
         return np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.8
     if kind == "triangle":
@@ -335,63 +287,40 @@ def shape_outline(kind):
         return np.array([[-u, -v], [u, -v], [u, -u], [v, -u], [v, u], [u, u], [u, v], [-u, v], [-u, u], [-v, u],
                          [-v, -u], [-u, -u]])
     if kind == "heart":
-        s = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-        x = 16 * np.sin(s) ** 3
-        y = -(13 * np.cos(s) - 5 * np.cos(2 * s) - 2 * np.cos(3 * s) - np.cos(4 * s))
-        return np.stack([x, y + 2.5], 1) / 16
+        y = 13 * np.cos(s) - 5 * np.cos(2 * s) - 2 * np.cos(3 * s) - np.cos(4 * s)
+        return np.stack([16 * np.sin(s) ** 3, 2.5 - y], 1) / 16
     raise ValueError(kind)
 
 
-def contrasting_colour(background, rng):
-    """A random colour that stands out from the background, in grayscale too."""
-    luminance = np.array([0.299, 0.587, 0.114])
-    colour = rng.integers(0, 256, 3)
-    while abs((colour - background) @ luminance) < 60:
-        colour = rng.integers(0, 256, 3)
-    return colour
-
-
-def shape_points(kind, box, rng):
-    """The polygon of a shape of random size, position and rotation inside box = (left, top, width, height)."""
-    left, top, W, H = box
-    radius = min(H, W) * rng.uniform(0.22, 0.42)
-    centre = rng.uniform([left + radius, top + radius], [left + W - radius, top + H - radius])
-    angle = rng.uniform(0, 2 * np.pi)
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    return [tuple(p) for p in shape_outline(kind) @ rotation.T * radius + centre]
-
-
-def draw_shape(label, size, rng, supersample=4):
-    """One image of class `label`: a shape of random colour, size, position and rotation on a random background."""
+def draw_image(labels, quarters, size, rng, supersample=4):
+    """One image (H, W, 3) of the shapes SHAPE_CLASSES[labels] on a random background, each of a random colour that
+    stands out from it (in grayscale too), and of random size, position and rotation: anywhere in the image (quarters
+    None: one shape), or smaller, inside its own quarter (0 top left, 1 top right, 2 bottom left, 3 bottom right)."""
     H, W = size[0] * supersample, size[1] * supersample
+    margin = 0.1 * min(H, W) / 2  # a shape reaches up to 1.22 radii (the heart) from its centre: keep it inside
     background = rng.integers(0, 256, 3)
-    colour = contrasting_colour(background, rng)
     image = Image.new("RGB", (W, H), tuple(background.tolist()))
-    ImageDraw.Draw(image).polygon(shape_points(SHAPE_CLASSES[label], (0, 0, W, H), rng), fill=tuple(colour.tolist()))
-    return image.resize((size[1], size[0]), Image.BOX)  # the average of each 4x4 block: anti-aliased edges
+    for label, q in zip(labels, [None] if quarters is None else quarters):
+        colour = rng.integers(0, 256, 3)
+        while abs((colour - background) @ [0.299, 0.587, 0.114]) < 60:  # (the luminance differs)
+            colour = rng.integers(0, 256, 3)
+        left, top, w, h = (0, 0, W, H) if q is None else (q % 2 * W / 2 + margin, q // 2 * H / 2 + margin,
+                                                          W / 2 - 2 * margin, H / 2 - 2 * margin)
+        radius = min(h, w) * rng.uniform(0.22, 0.42)
+        centre = rng.uniform([left + radius, top + radius], [left + w - radius, top + h - radius])
+        angle = rng.uniform(0, 2 * np.pi)
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        points = shape_outline(SHAPE_CLASSES[label]) @ rotation.T * radius + centre
+        ImageDraw.Draw(image).polygon([tuple(p) for p in points], fill=tuple(colour.tolist()))
+    return np.asarray(image.resize((size[1], size[0]), Image.BOX))  # the mean of each 4x4 block: anti-aliased edges
 
 
 def draw_shapes(count, size, seed=0):
     """`count` images of SHAPE_CLASSES in turn, the same for the same (count, size, seed)."""
     labels = torch.arange(count) % len(SHAPE_CLASSES)
-    images = [np.asarray(draw_shape(label, size, np.random.default_rng([seed, i])))
+    images = [draw_image([label], None, size, np.random.default_rng([seed, i]))
               for i, label in enumerate(labels.tolist())]
-    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return ImageTensors(images, labels, SHAPE_CLASSES)
-
-
-def draw_multishape(labels, quarters, size, rng, supersample=4):
-    """One image holding the shapes SHAPE_CLASSES[labels], each of its own random colour, smaller, inside its own
-    quarter of the image (quarters: 0 top left, 1 top right, 2 bottom left, 3 bottom right)."""
-    H, W = size[0] * supersample, size[1] * supersample
-    margin = 0.1 * min(H, W) / 2  # a shape reaches up to 1.22 radii (the heart) from its centre: keep it inside
-    background = rng.integers(0, 256, 3)
-    image = Image.new("RGB", (W, H), tuple(background.tolist()))
-    for label, quarter in zip(labels, quarters):
-        colour = contrasting_colour(background, rng)
-        box = (quarter % 2 * W / 2 + margin, quarter // 2 * H / 2 + margin, W / 2 - 2 * margin, H / 2 - 2 * margin)
-        ImageDraw.Draw(image).polygon(shape_points(SHAPE_CLASSES[label], box, rng), fill=tuple(colour.tolist()))
-    return image.resize((size[1], size[0]), Image.BOX)
+    return ImageTensors(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), labels, SHAPE_CLASSES)
 
 
 def draw_multishapes(count, size, seed=0):
@@ -401,18 +330,15 @@ def draw_multishapes(count, size, seed=0):
     for i in range(count):
         rng = np.random.default_rng([seed, i])
         present = rng.choice(len(SHAPE_CLASSES), rng.integers(1, 4), replace=False)
-        quarters = rng.choice(4, len(present), replace=False)
-        images.append(np.asarray(draw_multishape(present, quarters, size, rng)))
+        images.append(draw_image(present, rng.choice(4, len(present), replace=False), size, rng))
         labels[i, present] = 1
-    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return ImageTensors(images, labels, SHAPE_CLASSES)
+    return ImageTensors(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), labels, SHAPE_CLASSES)
 
 
 def complete_config(c, dataset, conditional):
     """What the dataset decides: channels, class (or attribute) names, whether the labels are multi-hot vectors
     (multi_label), flips (FLIP None: the dataset's), and num_classes (None: unconditional)."""
-    c.channels, c.classes = dataset.channels, dataset.classes
-    c.multi_label = dataset.labels.is_floating_point()
+    c.channels, c.classes, c.multi_label = dataset.channels, dataset.classes, dataset.labels.is_floating_point()
     c.flip = default_flip(c.dataset) if c.flip is None else c.flip
     if not conditional:
         c.num_classes = None

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import ImageTensors, UserError, attribute_names, default_flip, image_size, in_memory, load_dataset
+from data import ImageTensors, UserError, attribute_names, default_flip, image_size, load_dataset
 from tqdm import tqdm
 
 from checkpoints import load_weights
@@ -132,6 +132,14 @@ def agreement(predictions, labels):
     or absent) for multi-hot labels."""
     labels = labels.cpu()
     return (predictions == (labels > 0.5 if labels.is_floating_point() else labels)).float().mean(0)
+
+
+def in_memory(data):
+    """A dataset from load_dataset as ImageTensors: a folder's images decoded and held in memory."""
+    if isinstance(data, ImageTensors):
+        return data
+    images, labels = data[torch.arange(len(data))]
+    return ImageTensors(images, labels, data.classes)
 
 
 def real_data(dataset, size, channels, data_dir, held_out_fraction=0.2, seed=0, attributes=None):
