@@ -1,7 +1,7 @@
 """The datasets: every one yields (uint8 images (n, C, H, W), labels) for a whole batch of indices at once: int64
 class indices (n,), or multi-hot float vectors (n, classes) for multi-label data (multishapes, attribute tables).
 Built in (drawn, no download): "shapes" and "multishapes"; from torchvision: CIFAR-10, MNIST, Fashion-MNIST; from
-files: FER-2013's CSV, an attribute table (CelebA's), or a folder of class subfolders. utils.get_data batches them."""
+files: FER-2013's CSV, an attribute table (CelebA's), or a folder of class subfolders. get_data batches them."""
 import csv
 import os
 import socket
@@ -333,6 +333,50 @@ def draw_multishapes(count, size, seed=0):
         images.append(draw_image(present, rng.choice(4, len(present), replace=False), size, rng))
         labels[i, present] = 1
     return ImageTensors(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), labels, SHAPE_CLASSES)
+
+
+# --- the data loader: batches in a fixed order ---
+
+class EpochBatches(torch.utils.data.Sampler):
+    """The index batches of an epoch, the same on every run: a permutation fixed by (seed, epoch), cut into global
+    batches of batch_size * world_size, of which each process (rank) takes its slice; the last incomplete batch is
+    dropped. set_epoch(epoch, start) skips the first `start` batches (to resume). The indices are on `device`, where an
+    in-memory dataset is indexed (a GPU's: no copy to it every step)."""
+
+    def __init__(self, num_items, batch_size, seed=0, rank=0, world_size=1, device="cpu"):
+        self.num_items, self.batch_size, self.seed, self.rank, self.world_size = (
+            num_items, batch_size, seed, rank, world_size)
+        self.epoch, self.start, self.device = 0, 0, device
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return self.num_items // (self.batch_size * self.world_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = order.to(self.device)  # one copy an epoch
+        global_batch = order[:len(self) * self.batch_size * self.world_size].view(len(self), self.world_size, -1)
+        yield from global_batch[self.start:, self.rank]
+
+
+def get_data(dataset, batch_size, seed=0, device="cpu", rank=0, world_size=1, num_workers=None):
+    """A DataLoader of (uint8 images, labels) batches of `dataset` (data.load_dataset's) in EpochBatches' order: call
+    dataloader.sampler.set_epoch(epoch) before each epoch. A dataset held in memory moves to the device and is indexed
+    there; files are decoded by worker processes (None: as many as the cores, at most 4)."""
+    in_memory = isinstance(dataset, ImageTensors)
+    sampler = EpochBatches(len(dataset), batch_size, seed, rank, world_size, device if in_memory else "cpu")
+    if len(sampler) == 0:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of "
+                        f"{batch_size * world_size}: lower --batch_size")
+    if in_memory:
+        return torch.utils.data.DataLoader(dataset.to(device), sampler=sampler, batch_size=None)
+    if num_workers is None:
+        num_workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
+                                       pin_memory=torch.device(device).type == "cuda",
+                                       persistent_workers=num_workers > 0)
 
 
 def complete_config(c, dataset, conditional):

@@ -22,13 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoints import load_weights, read_config, read_train_state, resume, save_train_state
-from data import UserError, complete_config, image_size, load_dataset
+from data import UserError, complete_config, get_data, image_size, load_dataset
 from importance import ImportanceSampler
 from modules import EMA, UNet, UNet_conditional
 from optimizers import make_optimizer
 from options import check_config, clear_errors, parse_config
 from utils import (all_gather, amp_dtype, autocast, check_attention_memory, check_cfg_scale, check_labels,
-                   distributed, from_images, get_data, grad_scaler, learning_rate, local_rank_zero_first, make_logger,
+                   distributed, from_images, grad_scaler, learning_rate, local_rank_zero_first, make_logger,
                    mean_loss, no_sync, pick_device, plot_images, save_and_stop_on_ctrl_c, save_images, save_loss_plot,
                    save_progress_gif, setup_logging, time_left, to_images)
 

@@ -21,13 +21,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoints import read_train_state, resume, save_train_state
-from data import complete_config, load_dataset
+from data import complete_config, get_data, load_dataset
 from ddpm import Diffusion, load_run, make_diffusion, make_model
 from importance import ImportanceSampler
 from modules import EMA, UNet_conditional
 from optimizers import make_optimizer
 from options import check_config, clear_errors, parse_config
-from utils import (all_gather, amp_dtype, autocast, check_attention_memory, distributed, get_data, grad_scaler,
+from utils import (all_gather, amp_dtype, autocast, check_attention_memory, distributed, grad_scaler,
                    learning_rate, local_rank_zero_first, make_logger, mean_loss, no_sync, plot_images,
                    save_and_stop_on_ctrl_c, save_images, save_loss_plot, save_progress_gif, setup_logging, time_left)
 

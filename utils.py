@@ -1,6 +1,6 @@
-"""The plumbing both training scripts share: devices and precision, the data loader (get_data), the training loop's
-helpers, torchrun, sampling's inputs and outputs, images and plots. The datasets are in data.py, the checkpoint files
-in checkpoints.py, the options and presets in options.py."""
+"""The plumbing both training scripts share: devices and precision, the training loop's helpers, torchrun, sampling's
+inputs and outputs, images and plots. The datasets and their loader (get_data) are in data.py, the checkpoint files in
+checkpoints.py, the options and presets in options.py."""
 import contextlib
 import math
 import os
@@ -17,7 +17,7 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from data import ImageTensors, UserError
+from data import UserError, get_data  # noqa: F401 (the tutorial's utils.get_data)
 from modules import UNet, UNet_conditional
 
 
@@ -133,50 +133,6 @@ def autocast_runs(device, dtype):
         warnings.simplefilter("ignore")
         with torch.autocast(device.type, dtype=dtype):
             return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == dtype
-
-
-# --- the data loader: batches in a fixed order ---
-
-class EpochBatches(torch.utils.data.Sampler):
-    """The index batches of an epoch, the same on every run: a permutation fixed by (seed, epoch), cut into global
-    batches of batch_size * world_size, of which each process (rank) takes its slice; the last incomplete batch is
-    dropped. set_epoch(epoch, start) skips the first `start` batches (to resume). The indices are on `device`, where an
-    in-memory dataset is indexed (a GPU's: no copy to it every step)."""
-
-    def __init__(self, num_items, batch_size, seed=0, rank=0, world_size=1, device="cpu"):
-        self.num_items, self.batch_size, self.seed, self.rank, self.world_size = (
-            num_items, batch_size, seed, rank, world_size)
-        self.epoch, self.start, self.device = 0, 0, device
-
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
-
-    def __len__(self):
-        return self.num_items // (self.batch_size * self.world_size)
-
-    def __iter__(self):
-        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        order = order.to(self.device)  # one copy an epoch
-        global_batch = order[:len(self) * self.batch_size * self.world_size].view(len(self), self.world_size, -1)
-        yield from global_batch[self.start:, self.rank]
-
-
-def get_data(dataset, batch_size, seed=0, device="cpu", rank=0, world_size=1, num_workers=None):
-    """A DataLoader of (uint8 images, labels) batches of `dataset` (data.load_dataset's) in EpochBatches' order: call
-    dataloader.sampler.set_epoch(epoch) before each epoch. A dataset held in memory moves to the device and is indexed
-    there; files are decoded by worker processes (None: as many as the cores, at most 4)."""
-    in_memory = isinstance(dataset, ImageTensors)
-    sampler = EpochBatches(len(dataset), batch_size, seed, rank, world_size, device if in_memory else "cpu")
-    if len(sampler) == 0:
-        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of "
-                        f"{batch_size * world_size}: lower --batch_size")
-    if in_memory:
-        return torch.utils.data.DataLoader(dataset.to(device), sampler=sampler, batch_size=None)
-    if num_workers is None:
-        num_workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
-                                       pin_memory=torch.device(device).type == "cuda",
-                                       persistent_workers=num_workers > 0)
 
 
 # --- the loop's helpers: the loss log, the learning rate, the loss readout, Ctrl-C ---

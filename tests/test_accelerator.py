@@ -58,7 +58,7 @@ def test_in_memory_batches_make_the_gpu_wait_for_nothing():
     """Batches of data held on the GPU are indexed there: after the epoch's permutation moves to the GPU (once, at
     the epoch's start), no batch makes the host wait for the device (torch's sync debug mode would raise)."""
     from data import draw_shapes
-    from utils import get_data
+    from data import get_data
     batches = iter(get_data(draw_shapes(64, (8, 8)), 16, device=torch.device("cuda")))
     next(batches)
     torch.cuda.set_sync_debug_mode("error")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data import SHAPE_CLASSES, UserError, draw_multishapes, draw_shapes, load_dataset
+from data import SHAPE_CLASSES, EpochBatches, UserError, draw_multishapes, draw_shapes, get_data, load_dataset
 from modules import UNet
 from options import parse_config
 from checkpoints import load_weights, save_checkpoint
-from utils import EpochBatches, get_data, pick_device
+from utils import pick_device
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -225,7 +225,6 @@ def test_an_unreadable_image_is_named_once_and_replaced_so_batches_keep_their_si
 def test_an_unreadable_image_is_named_once_whichever_loader_worker_meets_it(tmp_path, capfd):
     """Two data loader workers, eight epochs: the broken file is named in one warning, not once per worker (each is a
     process of its own), on a line of its own (a progress bar may stand on the current one)."""
-    from utils import get_data
     root = make_folder(tmp_path / "pets")
     (root / "dogs" / "broken.jpg").write_bytes(b"not a jpeg")
     capfd.readouterr()
