@@ -16,19 +16,19 @@ from utils import replace_atomically
 # Options that may change when a run resumes; any other difference makes another run.
 RESUMABLE_CHANGES = {"epochs", "lr", "sample_steps", "save_every", "device", "amp", "compile", "data_dir",
                      "cfg_scale", "sampler", "logger"}
-
-
 # The settings a run's model and sampler are built from (make_model, make_diffusion), and those the scripts add.
 MODEL_SETTINGS = {"img_size", "channels", "num_classes", "width", "attention", "norm_groups", "film", "schedule",
                   "prediction", "loss_weighting", "timesteps"}
 ADDED_SETTINGS = {"channels", "classes", "multi_label", "num_classes", "world_size"}  # (data.complete_config's)
+TRAIN_STATE_KEYS = {"model", "ema_model", "optimizer", "ema_step", "generator", "generator_device", "scaler",
+                    "importance", "epoch", "batch", "step", "losses", "config", "window"}  # (save_train_state's)
 
 
-def earlier_version(what, weights):
+def earlier_version(folder):
     """The one line for a run that an earlier version of this repo wrote: no code here reads it."""
-    return UserError(f"{what} was made by an earlier version of this repo: load its weights by hand: model = "
+    return UserError(f"{folder} was made by an earlier version of this repo: load its weights by hand: model = "
                      f"UNet_conditional(...) (UNet(...) for ddpm.py's runs) with the settings of its config.json; "
-                     f"model.load_state_dict(torch.load('{weights}'))")
+                     f"model.load_state_dict(torch.load('{Path(folder) / 'ema_ckpt.pt'}'))")
 
 
 def read_config(run):
@@ -43,10 +43,9 @@ def read_config(run):
         raise UserError(f"no {path}: the training scripts write config.json beside their checkpoints; a checkpoint "
                         f"from elsewhere loads by hand (UNet_conditional(...).load_state_dict)")
     config = json.loads(path.read_text())
-    options = {name.lower() for name in [*constant_comments(Path(__file__).with_name("ddpm_conditional.py")),
-                                         *MACHINE_OPTIONS]}
-    if not MODEL_SETTINGS <= config.keys() <= options | ADDED_SETTINGS:  # settings lacking, or unknown here
-        raise earlier_version(folder, folder / "ema_ckpt.pt")
+    known = {n.lower() for n in [*constant_comments(Path(__file__).with_name("ddpm_conditional.py")), *MACHINE_OPTIONS]}
+    if not MODEL_SETTINGS <= config.keys() <= known | ADDED_SETTINGS:  # settings lacking, or unknown here
+        raise earlier_version(folder)
     return argparse.Namespace(**config)
 
 
@@ -55,15 +54,14 @@ def read_train_state(models_dir, config):
     path = Path(models_dir) / "train_state.pt"
     state = read_checkpoint(path) if path.exists() and (not dist.is_initialized() or dist.get_rank() == 0) else None
     if dist.is_initialized():  # torchrun: rank 0's, on every machine (they need not share a filesystem)
-        shared = [state]
-        dist.broadcast_object_list(shared, src=0)
+        dist.broadcast_object_list(shared := [state], src=0)
         state = shared[0]
     if state is None:
         return None
     saved = state["config"]
     if state.keys() != TRAIN_STATE_KEYS or saved.keys() != config.keys():
-        raise earlier_version(models_dir, Path(models_dir) / "ema_ckpt.pt")
-    differ = [f"{k}={saved[k]!r}, now {config[k]!r}" for k in saved.keys() & config.keys()
+        raise earlier_version(models_dir)
+    differ = [f"{k}={saved[k]!r}, now {config[k]!r}" for k in saved
               if k not in RESUMABLE_CHANGES and saved[k] != config[k]]
     if differ:
         raise UserError(f"{models_dir} holds a run with other settings ({'; '.join(differ)}): pass another "
@@ -71,17 +69,11 @@ def read_train_state(models_dir, config):
     return state
 
 
-TRAIN_STATE_KEYS = {"model", "ema_model", "optimizer", "ema_step", "generator", "generator_device", "scaler",
-                    "importance", "epoch", "batch", "step", "losses", "config", "window"}  # (save_train_state's)
-
-
 def save_train_state(models_dir, config, run, epoch, batch, step, losses, window=(0.0, 0)):
-    """ckpt.pt and ema_ckpt.pt (plain state dicts, the tutorial's files), and train_state.pt: all that an exact
-    resume needs. `run`: the model, ema_model, optimizer, ema, scaler, generator and importance sampler; `window`:
-    the losses since the last readout (their sum, their count). Tensors go to the CPU first, so the files load on
-    any machine."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    weights, ema_weights = cpu_state(run["model"]), cpu_state(run["ema_model"])
+    """ckpt.pt and ema_ckpt.pt (the tutorial's files), train_state.pt (all that an exact resume needs) and config.json.
+    `run`: the model, ema_model, optimizer, ema, scaler, generator and importance sampler; `window`: the losses since
+    the last readout (their sum, their count). Tensors go to the CPU first, so the files load on any machine."""
+    weights, ema_weights = on_cpu(run["model"].state_dict()), on_cpu(run["ema_model"].state_dict())
     save_checkpoint(weights, models_dir / "ckpt.pt")
     save_checkpoint(ema_weights, models_dir / "ema_ckpt.pt")
     save_checkpoint({"model": weights, "ema_model": ema_weights, "optimizer": on_cpu(run["optimizer"].state_dict()),
@@ -90,30 +82,26 @@ def save_train_state(models_dir, config, run, epoch, batch, step, losses, window
                      "scaler": run["scaler"].state_dict() if run["scaler"] else {},
                      "importance": run["importance"].state_dict() if run["importance"] else None,
                      "epoch": epoch, "batch": batch, "step": step, "losses": losses, "config": vars(config),
-                     "window": (window[0].cpu() if torch.is_tensor(window[0]) else window[0], window[1])},
-                    models_dir / "train_state.pt")
-    save_json(vars(config), models_dir / "config.json")  # the settings load_run and evaluate.py read
+                     "window": on_cpu(window)}, models_dir / "train_state.pt")
+    replace_atomically(models_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(vars(config), indent=2)))
 
 
 def resume(state, run, log):
     """Load a train_state.pt into the run's parts; returns its (epoch, batch, step, losses, loss sum, loss count):
     the last two, the losses since the last readout, are on the generator's device."""
-    load_weights(run["model"], state["model"], "train_state.pt (model)")
-    load_weights(run["ema_model"], state["ema_model"], "train_state.pt (ema_model)")
-    run["optimizer"].load_state_dict(state["optimizer"])  # (its learning rate is set before every step)
+    for part in ("model", "ema_model"):
+        load_weights(run[part], state[part], f"train_state.pt ({part})")
+    for part in ("optimizer", "scaler", "importance"):  # (the optimizer's learning rate is set before every step)
+        if run[part] is not None and state[part]:  # (--amp may change: a scaler now and none saved, or the reverse)
+            run[part].load_state_dict(state[part])
     run["ema"].step = state["ema_step"]
-    if run["scaler"] is not None and state["scaler"]:
-        run["scaler"].load_state_dict(state["scaler"])
-    if run["importance"] is not None:
-        run["importance"].load_state_dict(state["importance"])
     generator, device, saved_on = run["generator"], run["generator"].device, state["generator_device"]
     if saved_on == device.type:
         generator.set_state(state["generator"])
     else:  # a CUDA generator's state does not fit a CPU generator: go on from a stream of (seed, step)
         generator.manual_seed(state["config"]["seed"] * 1_000_003 + state["step"])
-        log(f"resuming on {device.type} a run saved on {saved_on}: its random draws go on from a "
-            f"new stream (seed {state['config']['seed']}, step {state['step']}), so they differ from an "
-            f"uninterrupted run's")
+        log(f"resuming on {device.type} a run saved on {saved_on}: its random draws go on from a new stream (seed "
+            f"{state['config']['seed']}, step {state['step']}), so they differ from an uninterrupted run's")
     log(f"resuming models/{state['config']['run_name']} at epoch {state['epoch'] + 1}, step {state['step']}")
     total, count = state["window"]
     return (state["epoch"], state["batch"], state["step"], state["losses"],
@@ -126,18 +114,10 @@ def export_run(run, folder):
 
         python -c "from checkpoints import export_run; export_run('models/DDPM_conditional', 'pretrained/shapes')"
     """
-    weights = read_checkpoint(Path(run) / "ema_ckpt.pt")
-    save_checkpoint({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
-                    Path(folder) / "ema_ckpt.pt")
-    save_json(json.loads((Path(run) / "config.json").read_text()), Path(folder) / "config.json")
-
-
-def save_json(obj, path):
-    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
-
-
-def cpu_state(model):
-    return on_cpu(model.state_dict())
+    run, folder = Path(run), Path(folder)
+    weights = read_checkpoint(run / "ema_ckpt.pt")
+    save_checkpoint({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, folder / "ema_ckpt.pt")
+    replace_atomically(folder / "config.json", lambda tmp: tmp.write_bytes((run / "config.json").read_bytes()))
 
 
 def on_cpu(state):
@@ -177,15 +157,11 @@ def load_weights(model, path_or_state, name=None):
                         f"run's folder or its ema_ckpt.pt (or ckpt.pt)")
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
-    problems = []
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                        ("shapes differ (checkpoint vs model)", shapes)):
-        if keys:
-            problems.append(f"{label}: {', '.join(keys[:4])}" + (f" and {len(keys) - 4} more" if len(keys) > 4 else ""))
+    differ = {"missing keys": [k for k in own if k not in state], "unexpected keys": [k for k in state if k not in own],
+              "shapes differ (checkpoint vs model)": [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                                                      for k in own if k in state and state[k].shape != own[k].shape]}
+    problems = [f"{label}: {', '.join(keys[:4])}" + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+                for label, keys in differ.items() if keys]
     if problems:
         raise UserError(f"checkpoint '{name}' does not fit the model ({'; '.join(problems)}): was it trained with "
                         f"other WIDTH, ATTENTION, CHANNELS, NUM_CLASSES?")

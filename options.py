@@ -15,10 +15,8 @@ from data import UserError, attribute_names, image_size
 from utils import check_cfg_scale
 
 
-# Options of every script that are not among its constants (they change where and how fast a run goes, not what it
-# learns; a run resumes with other values): {NAME: (default, comment)}, in --help's "data and machine" group. A preset
-# may set them too, and a run's config holds them as it holds the constants (config.json: data_dir, ...).
-MACHINE_GROUP = "data and machine"
+# Every script's options that are not among its constants: where and how fast a run goes, not what it learns (a run
+# resumes with other values). {NAME: (default, comment)}; a preset may set them, config.json holds them.
 MACHINE_OPTIONS = {
     "DATA_DIR": ("data", "where torchvision datasets are downloaded to / looked for"),
     "SAVE_EVERY": (0, "also save every N steps within an epoch (0: only at the end of each epoch)"),
@@ -27,13 +25,10 @@ MACHINE_OPTIONS = {
 
 
 def parse_config(constants, argv=None, ignore=(), preset_run_suffix=""):
-    """A script's UPPERCASE constants, and MACHINE_OPTIONS, as a namespace of lower-case names, overridden first by
-    preset files (nanoGPT's configurator: `python ddpm_conditional.py config/tutorial.py` runs the file and takes the
-    constants it sets), then by `--name VALUE` options. VALUE is a Python literal (64, 3e-4, True, None, "1,2,4,8")
-    or else a string, of the constant's type (its annotation's, when it has one); a bare `--flag` is True.
-    `ignore`: constant names a preset may set that this script has not (the conditional script's, in ddpm.py);
-    `preset_run_suffix`: added to a preset's RUN_NAME, so that the two scripts' runs of one preset have folders of
-    their own (ddpm.py: "_uncond")."""
+    """A script's UPPERCASE constants and MACHINE_OPTIONS as a namespace of lower-case names, overridden by what preset
+    files set (each file is run), then by `--name VALUE` (parse_value; a bare `--flag` is True). `ignore`: constants
+    a preset may set that this script has not (ddpm.py: the conditional script's); `preset_run_suffix`: added to a
+    preset's RUN_NAME, so that each script's run of it has its own folders."""
     argv = sys.argv[1:] if argv is None else list(argv)
     defaults = {name: value for name, value in constants.items()
                 if name.isupper() and isinstance(value, (bool, int, float, str, tuple, type(None)))}
@@ -41,10 +36,18 @@ def parse_config(constants, argv=None, ignore=(), preset_run_suffix=""):
     annotations = constants.get("__annotations__", {})
     for preset in [arg for arg in argv if not arg.startswith("-") and arg.endswith(".py")]:
         argv.remove(preset)
-        for name, value in read_preset(preset, defaults, ignore).items():
-            defaults[name] = parse_value(name.lower(), repr(value), defaults[name], annotations.get(name), preset)
-            if name == "RUN_NAME":
-                defaults[name] += preset_run_suffix
+        if not Path(preset).is_file():
+            raise UserError(f"preset file '{preset}' does not exist (the presets are in config/)")
+        exec(compile(Path(preset).read_text(), preset, "exec"), {}, values := {})  # its assignments land in values
+        for name, value in values.items():
+            if name in defaults:
+                defaults[name] = parse_value(name.lower(), repr(value), defaults[name], annotations.get(name), preset)
+                if name == "RUN_NAME":
+                    defaults[name] += preset_run_suffix
+            elif name.isupper() and name not in ignore:
+                close = difflib.get_close_matches(name, defaults, 1)
+                raise UserError(f"{preset} sets {name}, which is not a constant of this script"
+                                f"{f' (did you mean {close[0]}?)' if close else ''}")
     args = vars(options_parser(constants, defaults, annotations).parse_args(argv))
     config = argparse.Namespace(**{name.lower(): default if args[name.lower()] is None else
                                    parse_value(name.lower(), args[name.lower()], default, annotations.get(name))
@@ -54,45 +57,27 @@ def parse_config(constants, argv=None, ignore=(), preset_run_suffix=""):
     return config
 
 
-def read_preset(path, defaults, ignore=()):
-    """The UPPERCASE constants that a preset file sets; a name the script has not is an error naming it."""
-    if not Path(path).is_file():
-        raise UserError(f"preset file '{path}' does not exist (the presets are in config/)")
-    values = {}
-    exec(compile(Path(path).read_text(), path, "exec"), {}, values)
-    values = {name: value for name, value in values.items() if name.isupper() and (name in defaults or
-                                                                                    name not in ignore)}
-    for name in values:
-        if name not in defaults:
-            close = difflib.get_close_matches(name, defaults, 1)
-            raise UserError(f"{path} sets {name}, which is not a constant of this script"
-                            f"{f' (did you mean {close[0]}?)' if close else ''}")
-    return values
-
-
-def options_parser(constants, defaults, annotations=None):
-    """An --option for each constant, its help the constant's comment in the script, grouped as the script groups
-    them (its `# --- group ---` lines); MACHINE_OPTIONS's in their group."""
+def options_parser(constants, defaults, annotations):
+    """An --option for each constant, its help the constant's comment, under the script's `# --- group ---` titles;
+    MACHINE_OPTIONS in "data and machine"."""
     parser = ErrorParser(description=constants.get("__doc__"), formatter_class=argparse.RawDescriptionHelpFormatter,
                          allow_abbrev=False,  # --epoch is a misspelling, not --epochs
                          usage="%(prog)s [config/PRESET.py ...] [--option VALUE ...]")
-    comments = {**{name: (MACHINE_GROUP, comment) for name, (_, comment) in MACHINE_OPTIONS.items()},
+    comments = {**{name: ("data and machine", comment) for name, (_, comment) in MACHINE_OPTIONS.items()},
                 **constant_comments(constants.get("__file__"))}
     groups, group = {}, parser
     for name, default in defaults.items():
-        title = comments.get(name, (None, ""))[0]
+        title, comment = comments.get(name, (None, ""))
         if title:
             group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
-        help = f"{comments.get(name, ('', ''))[1]} (default: {default!r})".strip().replace("%", "%%")
-        if type(default) is bool or bool in typing.get_args((annotations or {}).get(name)):  # FLIP: bool | None
-            group.add_argument("--" + name.lower(), nargs="?", const="True", metavar="BOOL", help=help)
-        else:
-            group.add_argument("--" + name.lower(), metavar="VALUE", help=help)
+        flag = type(default) is bool or bool in typing.get_args(annotations.get(name))  # FLIP: bool | None
+        group.add_argument("--" + name.lower(), help=f"{comment} (default: {default!r})".strip().replace("%", "%%"),
+                           **dict(nargs="?", const="True", metavar="BOOL") if flag else dict(metavar="VALUE"))
     return parser
 
 
 def constant_comments(path):
-    """{NAME: (the title of its group, its comment)} from a script's source: the comment after `NAME = value`
+    """{NAME: [the title of its group, its comment]} from a script's source: the comment after `NAME = value`
     and the comment lines below it."""
     comments, title, name = {}, None, None
     for line in (Path(path).read_text().splitlines() if path else []):
@@ -100,10 +85,9 @@ def constant_comments(path):
             title, name = match.group(1), None
         elif match := re.match(r"([A-Z_]+)\b[^#]*(?:#\s*(.*))?$", line):
             name = match.group(1)
-            comments[name] = (title, match.group(2) or "")
-            title = None
+            comments[name], title = [title, match.group(2) or ""], None
         elif (match := re.match(r"\s+#\s*(.*)", line)) and name:
-            comments[name] = (comments[name][0], f"{comments[name][1]} {match.group(1)}")
+            comments[name][1] += " " + match.group(1)
         else:
             name = None
     return comments
@@ -120,28 +104,24 @@ class ErrorParser(argparse.ArgumentParser):
 
 
 def parse_value(name, text, default, annotation=None, where=None):
-    """One option's value from its text, checked against its annotation's types, or else its default's type."""
-    types = [t for t in typing.get_args(annotation) or (annotation,) if t is not type(None)] if annotation else \
-        [type(default)]
+    """One option's value from its text, a Python literal (64, 3e-4, true, None, "1,2,4,8") or else a string, of its
+    annotation's types, or else its default's type (a None default without an annotation takes any value). An int
+    does for a float (--cfg_scale 7) or a tuple (--attention 8), an empty text for an empty tuple (--attention=)."""
+    types = [t for t in typing.get_args(annotation) or (annotation or type(default),) if t is not type(None)]
     try:
         value = ast.literal_eval(text.capitalize() if text.lower() in ("true", "false", "none") else text)
     except (ValueError, SyntaxError):
         value = text
-    if type(value) in types or (value is None and default is None) or types == [type(None)]:
-        return value  # (a None default without an annotation takes any value)
-    if float in types and type(value) is int:
-        return float(value)  # --cfg_scale 7
-    if tuple in types and type(value) is int:
-        return (value,)  # --attention 8
-    if tuple in types and value == "":
-        return ()  # --attention= (none)
-    if name == "img_size" and isinstance(value, tuple):
-        return value  # (height, width)
+    if type(value) in types or default is None and (value is None or not annotation):
+        return value
+    if type(value) is int and (float in types or tuple in types):
+        return float(value) if float in types else (value,)
+    if tuple in types and value == "" or name == "img_size" and isinstance(value, tuple):  # img_size: (height, width)
+        return tuple(value)
     if str in types:
         return text
-    names = " or ".join(t.__name__ for t in types)
-    raise UserError(f"{f'{where}: ' if where else '--'}{name if where is None else name.upper()} {text}: expected a "
-                    f"value of type {names} (the default is {default!r})")
+    raise UserError(f"{f'{where}: {name.upper()}' if where else f'--{name}'} {text}: expected a value of type "
+                    f"{' or '.join(t.__name__ for t in types)} (the default is {default!r})")
 
 
 def check_config(c):
@@ -172,8 +152,7 @@ def check_config(c):
 
 @contextlib.contextmanager
 def clear_errors():
-    """A UserError stops the script with its one line (no traceback), and so does Ctrl-C (the training loop says
-    what it saved)."""
+    """A UserError, or Ctrl-C (the training loop says what it saved), stops the script with one line, no traceback."""
     try:
         yield
     except UserError as e:
