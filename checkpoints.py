@@ -86,9 +86,10 @@ def save_train_state(models_dir, config, run, epoch, batch, step, losses, window
     replace_atomically(models_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(vars(config), indent=2)))
 
 
-def resume(state, run, log):
+def resume(state, run, log, epochs):
     """Load a train_state.pt into the run's parts; returns its (epoch, batch, step, losses, loss sum, loss count):
-    the last two, the losses since the last readout, are on the generator's device."""
+    the last two, the losses since the last readout, are on the generator's device. A run that has trained `epochs`
+    epochs is said to have nothing to do."""
     for part in ("model", "ema_model"):
         load_weights(run[part], state[part], f"train_state.pt ({part})")
     for part in ("optimizer", "scaler", "importance"):  # (the optimizer's learning rate is set before every step)
@@ -100,9 +101,14 @@ def resume(state, run, log):
         generator.set_state(state["generator"])
     else:  # a CUDA generator's state does not fit a CPU generator: go on from a stream of (seed, step)
         generator.manual_seed(state["config"]["seed"] * 1_000_003 + state["step"])
+    folder = f"models/{state['config']['run_name']}"
+    if state["epoch"] >= epochs:
+        log(f"{folder} has already trained {state['epoch']} epochs (--epochs {epochs}): nothing to do")
+    elif saved_on != device.type:
         log(f"resuming on {device.type} a run saved on {saved_on}: its random draws go on from a new stream (seed "
             f"{state['config']['seed']}, step {state['step']}), so they differ from an uninterrupted run's")
-    log(f"resuming models/{state['config']['run_name']} at epoch {state['epoch'] + 1}, step {state['step']}")
+    if state["epoch"] < epochs:
+        log(f"resuming {folder} at epoch {state['epoch'] + 1}, step {state['step']}")
     total, count = state["window"]
     return (state["epoch"], state["batch"], state["step"], state["losses"],
             total.to(device) if torch.is_tensor(total) else total, count)

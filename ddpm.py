@@ -374,11 +374,8 @@ def train(config):
         run = dict(model=model, ema_model=ema_model, optimizer=optimizer, ema=ema, scaler=scaler,
                    generator=generator, importance=importance)
         # where the run stands; total and count: the losses since the last readout, summed on the device
-        finished = state is not None and state["epoch"] >= c.epochs  # (then no "resuming")
-        epoch, batch, step, losses, total, count = resume(state, run, (lambda *args: None) if finished else log) \
-            if state else (0, 0, 0, [], 0.0, 0)
-        if finished:
-            log(f"{models_dir} has already trained {epoch} epochs (--epochs {c.epochs}): nothing to do")
+        epoch, batch, step, losses, total, count = resume(state, run, log, c.epochs) if state else (0, 0, 0, [], 0.0, 0)
+        if epoch >= c.epochs:  # a finished run: nothing to do (resume said so)
             return model, ema_model
 
         torchrun = torch.distributed.is_initialized()
