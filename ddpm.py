@@ -50,12 +50,12 @@ EMA_START = 300           # steps during which the EMA model just copies the wei
 NORM_GROUPS = 8           # GroupNorm groups in every convolution block (must divide WIDTH); tutorial: 1
 FILM = True               # the time embedding as a per-channel scale and shift; tutorial: False (added)
 SCHEDULE = "cosine"       # "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et al. 2020; tutorial)
-PREDICTION = "v"          # what the UNet predicts: "v" (Salimans & Ho 2022), "eps" (tutorial) or "x0"
+PREDICTION = "v"          # what the UNet predicts: "v" (Salimans & Ho 2022) or "eps" (tutorial)
 LOSS_WEIGHTING = "min_snr"  # "min_snr" (Hang et al. 2023, gamma 5) or "none" (plain MSE; tutorial)
 TIMESTEPS = "logit_normal"  # how training draws t: "logit_normal" (Esser et al. 2024), "importance" (its objective,
                             # drawn where its loss varies most) or "uniform" (tutorial)
 LR_WARMUP = 200           # steps of linear warm-up from 0 to LR; tutorial: 0
-LR_SCHEDULE = "cosine"    # then "cosine" or "linear" decay to 0 at the last step, or "constant" (tutorial)
+LR_SCHEDULE = "cosine"    # then "cosine" decay to 0 at the last step, or "constant" (tutorial)
 OPTIMIZER = "adamw"       # "adamw" (tutorial) or "muon" (Muon for the weight matrices, AdamW for the rest)
 SAMPLER = "ddim"          # the sample grid's sampler: "ddim", "dpm++" (DPM-Solver++(2M)) or "ancestral" (tutorial)
 SAMPLE_STEPS = 20         # its steps (20: as good as 50; "ancestral" takes all 1000)
@@ -78,7 +78,7 @@ class Diffusion:
     def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, device=None, channels=3,
                  schedule="linear", prediction="eps", loss_weighting="none", min_snr_gamma=5.0, timesteps="uniform"):
         for name, value, allowed in (("schedule", schedule, ("linear", "cosine")), ("prediction", prediction,
-                                     ("eps", "v", "x0")), ("loss_weighting", loss_weighting, ("none", "min_snr")),
+                                     ("eps", "v")), ("loss_weighting", loss_weighting, ("none", "min_snr")),
                                      ("timesteps", timesteps, ("uniform", "logit_normal"))):
             if value not in allowed:
                 raise UserError(f"{name} '{value}': expected {' or '.join(map(repr, allowed))}")
@@ -114,12 +114,10 @@ class Diffusion:
         return (torch.sigmoid(u) * self.noise_steps).long().clamp(max=self.noise_steps - 1)
 
     def training_target(self, x0, noise, t):
-        """What the network learns to predict from x_t: the noise eps (Ho et al. 2020), the velocity
-        v = sqrt(alpha_hat) eps - sqrt(1 - alpha_hat) x_0 (Salimans & Ho 2022), or x_0 itself."""
+        """What the network learns to predict from x_t: the noise eps (Ho et al. 2020) or the velocity
+        v = sqrt(alpha_hat) eps - sqrt(1 - alpha_hat) x_0 (Salimans & Ho 2022)."""
         if self.prediction == "eps":
             return noise
-        if self.prediction == "x0":
-            return x0
         alpha_hat = self.alpha_hat[t][:, None, None, None]
         return alpha_hat.sqrt() * noise - (1 - alpha_hat).sqrt() * x0
 
@@ -130,7 +128,7 @@ class Diffusion:
             return torch.ones_like(t, dtype=torch.float32)
         snr = self.alpha_hat[t] / (1 - self.alpha_hat[t])
         clipped = snr.clamp(max=self.min_snr_gamma)
-        return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
+        return clipped / snr if self.prediction == "eps" else clipped / (snr + 1)
 
     def loss(self, predicted, x0, noise, t):
         """Algorithm 1, line 5, one per sample: loss_weight(t) * || target - predicted ||^2 (the tutorial's:
@@ -197,13 +195,11 @@ class Diffusion:
         """The x_0 that the network's output implies at noise level alpha_hat (a float), from x = x_t."""
         if self.prediction == "eps":
             return (x - math.sqrt(1 - alpha_hat) * output) / math.sqrt(alpha_hat)
-        if self.prediction == "v":
-            return math.sqrt(alpha_hat) * x - math.sqrt(1 - alpha_hat) * output
-        return output
+        return math.sqrt(alpha_hat) * x - math.sqrt(1 - alpha_hat) * output
 
     def guided_output(self, model, x, t, labels, cfg_scale):
         """The output with classifier-free guidance: out_u + s (out_c - out_u) (Ho & Salimans 2022, eq. 6, s = 1 + w;
-        v and x_0 are affine in eps at fixed x_t, so it holds for them too). As the tutorial guides only when
+        v is affine in eps at fixed x_t, so it holds for v too). As the tutorial guides only when
         cfg_scale > 0, 0 is the conditional model too."""
         if labels is None:
             return model(x, t)

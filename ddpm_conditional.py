@@ -53,12 +53,12 @@ EMA_START = 300           # steps during which the EMA model just copies the wei
 NORM_GROUPS = 8           # GroupNorm groups in every convolution block (must divide WIDTH); tutorial: 1
 FILM = True               # the time/label embedding as a per-channel scale and shift; tutorial: False (added)
 SCHEDULE = "cosine"       # "cosine" (Nichol & Dhariwal 2021) or "linear" (Ho et al. 2020; tutorial)
-PREDICTION = "v"          # what the UNet predicts: "v" (Salimans & Ho 2022), "eps" (tutorial) or "x0"
+PREDICTION = "v"          # what the UNet predicts: "v" (Salimans & Ho 2022) or "eps" (tutorial)
 LOSS_WEIGHTING = "min_snr"  # "min_snr" (Hang et al. 2023, gamma 5) or "none" (plain MSE; tutorial)
 TIMESTEPS = "importance"  # how training draws t: "importance" (the logit-normal's objective, drawn where its loss
                           # varies most), "logit_normal" (Esser et al. 2024) or "uniform" (tutorial)
 LR_WARMUP = 200           # steps of linear warm-up from 0 to LR; tutorial: 0
-LR_SCHEDULE = "cosine"    # then "cosine" or "linear" decay to 0 at the last step, or "constant" (tutorial)
+LR_SCHEDULE = "cosine"    # then "cosine" decay to 0 at the last step, or "constant" (tutorial)
 OPTIMIZER = "adamw"       # "adamw" (tutorial) or "muon" (Muon for the weight matrices, AdamW for the rest)
 SAMPLER = "ddim"          # the sample grid's sampler: "ddim", "dpm++" (DPM-Solver++(2M)) or "ancestral" (tutorial)
 SAMPLE_STEPS = 20         # its steps (20: as good as 50; "ancestral" takes all 1000)

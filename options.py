@@ -137,9 +137,9 @@ def check_config(c):
     check_cfg_scale(getattr(c, "cfg_scale", 0))
     if not 0 <= getattr(c, "cfg_drop", 0) < 1:
         raise UserError(f"cfg_drop={c.cfg_drop}: must be in [0, 1)")
-    if c.lr_schedule not in ("constant", "cosine", "linear") or c.lr_warmup < 0:
-        raise UserError(f"lr_schedule={c.lr_schedule!r}, lr_warmup={c.lr_warmup}: expected 'constant', 'cosine' or "
-                        f"'linear', and a warm-up of 0 or more steps")
+    if c.lr_schedule not in ("constant", "cosine") or c.lr_warmup < 0:
+        raise UserError(f"lr_schedule={c.lr_schedule!r}, lr_warmup={c.lr_warmup}: expected 'constant' or 'cosine', "
+                        f"and a warm-up of 0 or more steps")
     if c.timesteps not in ("uniform", "logit_normal", "importance"):
         raise UserError(f"timesteps={c.timesteps!r}: expected 'uniform', 'logit_normal' or 'importance'")
     if c.sampler not in ("ancestral", "ddim", "dpm++"):

@@ -166,14 +166,14 @@ def make_logger(kind, run_name, config):
 
 
 def learning_rate(c, step, steps_per_epoch):
-    """LR after a linear warm-up over LR_WARMUP steps, then constant, or decayed to 0 at the run's last step (cosine,
-    Loshchilov & Hutter 2017, or linear): a function of the step alone, so a resumed run goes on the same curve."""
+    """LR after a linear warm-up over LR_WARMUP steps, then constant, or cosine-decayed to 0 at the run's last step
+    (Loshchilov & Hutter 2017): a function of the step alone, so a resumed run goes on the same curve."""
     if step < c.lr_warmup:
         return c.lr * (step + 1) / c.lr_warmup
     if c.lr_schedule == "constant":
         return c.lr
     progress = min(1.0, (step - c.lr_warmup) / max(1, c.epochs * steps_per_epoch - c.lr_warmup))
-    return c.lr * (0.5 * (1 + math.cos(math.pi * progress)) if c.lr_schedule == "cosine" else 1 - progress)
+    return c.lr * (0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def time_left(started, steps_done, steps_left):
