@@ -54,7 +54,8 @@ def read_train_state(models_dir, config):
     path = Path(models_dir) / "train_state.pt"
     state = read_checkpoint(path) if path.exists() and (not dist.is_initialized() or dist.get_rank() == 0) else None
     if dist.is_initialized():  # torchrun: rank 0's, on every machine (they need not share a filesystem)
-        dist.broadcast_object_list(shared := [state], src=0)
+        shared = [state]
+        dist.broadcast_object_list(shared, src=0)
         state = shared[0]
     if state is None:
         return None

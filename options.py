@@ -38,7 +38,8 @@ def parse_config(constants, argv=None, ignore=(), preset_run_suffix=""):
         argv.remove(preset)
         if not Path(preset).is_file():
             raise UserError(f"preset file '{preset}' does not exist (the presets are in config/)")
-        exec(compile(Path(preset).read_text(), preset, "exec"), {}, values := {})  # its assignments land in values
+        values = {}
+        exec(compile(Path(preset).read_text(), preset, "exec"), {}, values)  # its assignments land in values
         for name, value in values.items():
             if name in defaults:
                 defaults[name] = parse_value(name.lower(), repr(value), defaults[name], annotations.get(name), preset)
@@ -112,11 +113,11 @@ def parse_value(name, text, default, annotation=None, where=None):
         value = ast.literal_eval(text.capitalize() if text.lower() in ("true", "false", "none") else text)
     except (ValueError, SyntaxError):
         value = text
-    if type(value) in types or default is None and (value is None or not annotation):
+    if type(value) in types or (default is None and (value is None or not annotation)):
         return value
     if type(value) is int and (float in types or tuple in types):
         return float(value) if float in types else (value,)
-    if tuple in types and value == "" or name == "img_size" and isinstance(value, tuple):  # img_size: (height, width)
+    if (tuple in types and value == "") or (name == "img_size" and isinstance(value, tuple)):  # (height, width)
         return tuple(value)
     if str in types:
         return text
