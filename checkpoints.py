@@ -1,6 +1,5 @@
-"""Checkpoint files, each written to a temporary file and then renamed, so that a kill at any moment leaves a whole
-file: the tutorial's ckpt.pt and ema_ckpt.pt (plain state dicts), train_state.pt (all that an exact resume needs) and
-config.json (the settings load_run and evaluate.py read); reading them back with clear messages."""
+"""Checkpoint files, written atomically: the tutorial's ckpt.pt and ema_ckpt.pt (plain state dicts), train_state.pt
+(all that an exact resume needs) and config.json (the settings load_run and evaluate.py read); clear read errors."""
 import argparse
 import json
 from pathlib import Path
@@ -71,9 +70,8 @@ def read_train_state(models_dir, config):
 
 
 def save_train_state(models_dir, config, run, epoch, batch, step, losses, window=(0.0, 0)):
-    """ckpt.pt and ema_ckpt.pt (the tutorial's files), train_state.pt (all that an exact resume needs) and config.json.
-    `run`: the model, ema_model, optimizer, ema, scaler, generator and importance sampler; `window`: the losses since
-    the last readout (their sum, their count). Tensors go to the CPU first, so the files load on any machine."""
+    """ckpt.pt, ema_ckpt.pt, train_state.pt and config.json; `window`: the losses since the last readout (sum, count).
+    Tensors go to the CPU first, so the files load on any machine."""
     weights, ema_weights = on_cpu(run["model"].state_dict()), on_cpu(run["ema_model"].state_dict())
     save_checkpoint(weights, models_dir / "ckpt.pt")
     save_checkpoint(ema_weights, models_dir / "ema_ckpt.pt")
@@ -88,9 +86,8 @@ def save_train_state(models_dir, config, run, epoch, batch, step, losses, window
 
 
 def resume(state, run, log, epochs):
-    """Load a train_state.pt into the run's parts; returns its (epoch, batch, step, losses, loss sum, loss count):
-    the last two, the losses since the last readout, are on the generator's device. A run that has trained `epochs`
-    epochs is said to have nothing to do."""
+    """Load a train_state.pt into the run's parts; returns (epoch, batch, step, losses, loss sum, loss count), the
+    last two (the losses since the last readout) on the generator's device."""
     for part in ("model", "ema_model"):
         load_weights(run[part], state[part], f"train_state.pt ({part})")
     for part in ("optimizer", "scaler", "importance"):  # (the optimizer's learning rate is set before every step)
@@ -116,8 +113,7 @@ def resume(state, run, log, epochs):
 
 
 def export_run(run, folder):
-    """A trained run's EMA weights in half precision (half the size; loading casts them back to the model's float32)
-    and its config.json, into `folder`: what pretrained/ ships, loaded as any run is, by load_run(folder).
+    """A run's EMA weights in half precision (half the size; loading casts them back) and config.json, into `folder`:
 
         python -c "from checkpoints import export_run; export_run('models/DDPM_conditional', 'pretrained/shapes')"
     """
@@ -128,8 +124,7 @@ def export_run(run, folder):
 
 
 def on_cpu(state):
-    """A state_dict with its tensors on the CPU (a model's; an optimizer's: fused AdamW keeps its `step` counts on the
-    GPU; loading puts each back where its parameter is)."""
+    """A state_dict's tensors on the CPU (fused AdamW keeps its `step` counts on the GPU; loading puts them back)."""
     if torch.is_tensor(state):
         return state.cpu()
     if isinstance(state, dict):
@@ -153,8 +148,7 @@ def read_checkpoint(path):
 
 
 def load_weights(model, path_or_state, name=None):
-    """Load a state dict (or the file holding one) into model, naming the keys that differ if it does not fit.
-    Prefixes added by torch.compile ("_orig_mod.") and DistributedDataParallel ("module.") are removed."""
+    """Load a state dict (or its file) into model, naming keys that differ; torch.compile's and DDP's prefixes go."""
     name = name or path_or_state
     state = read_checkpoint(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
     if not isinstance(state, dict):

@@ -1,7 +1,6 @@
-"""The datasets: every one yields (uint8 images (n, C, H, W), labels) for a whole batch of indices at once: int64
-class indices (n,), or multi-hot float vectors (n, classes) for multi-label data (multishapes, attribute tables).
-Built in (drawn, no download): "shapes" and "multishapes"; from torchvision: CIFAR-10, MNIST, Fashion-MNIST; from
-files: FER-2013's CSV, an attribute table (CelebA's), or a folder of class subfolders. get_data batches them."""
+"""The datasets, each indexed by a whole batch at once: (uint8 images (n, C, H, W), labels), int64 class indices (n,)
+or multi-hot floats (n, classes) for multi-label data. Drawn: shapes, multishapes; torchvision: CIFAR-10, MNIST,
+Fashion-MNIST; files: FER-2013's CSV, an attribute table (CelebA's), class subfolders. get_data batches them."""
 import csv
 import os
 import socket
@@ -16,8 +15,7 @@ from PIL import Image, ImageDraw
 
 
 class UserError(ValueError):
-    """A problem with the input (data, options, checkpoint) that the user can fix. The scripts print its message
-    as one line and stop, without a traceback."""
+    """A problem the user can fix (data, options, checkpoint): the scripts print it as one line, no traceback."""
 
 
 TORCHVISION_DATASETS = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST,
@@ -32,8 +30,7 @@ MIRRORING_CHANGES_MEANING = {"mnist", "fashion_mnist"}
 
 
 def default_flip(dataset):
-    """Whether training flips the images of `dataset` horizontally when FLIP is None: yes, unless mirroring changes
-    what an image shows (digits, Fashion-MNIST's shoes; pass --flip False for text or any such folder)."""
+    """FLIP None: flip unless mirroring changes what an image shows (pass --flip False for text or any such folder)."""
     return dataset not in MIRRORING_CHANGES_MEANING
 
 
@@ -49,10 +46,9 @@ class ImageTensors(torch.utils.data.TensorDataset):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files and their labels, decoded and resized a batch at a time. Channels: 1 if the first readable image
-    is grayscale, else 3, unless given. An unreadable image is named in a one-line warning (once, whichever data
-    loader worker meets it: the flags are in shared memory) and replaced by the next readable one, with its label:
-    a batch keeps its size (under torchrun every process's must)."""
+    """Image files and labels, decoded a batch at a time. An unreadable one is warned of once (the flags are in shared
+    memory, for all workers) and replaced by the next readable one, with its label: a batch keeps its size (under
+    torchrun every rank's must)."""
 
     def __init__(self, paths, labels, classes, img_size, channels=None):
         self.paths, self.labels, self.classes, self.img_size = list(paths), labels, list(classes), img_size
@@ -110,11 +106,8 @@ def resize_and_crop(images, size):
 
 def load_dataset(dataset, img_size, channels=None, split="train", data_dir="data", num_images=None, seed=0,
                  attributes=None):
-    """The images of `dataset` (split "train" or "test") at img_size, as uint8 (normalised later). dataset: "shapes",
-    "multishapes" (drawn), "cifar10", "mnist", "fashion_mnist" (downloaded into data_dir on first use), a FER-2013
-    .csv file, an attribute table (.txt or .csv, see load_attributes) or a folder of class subfolders. num_images: a
-    fixed random subset of this many images (None: all). attributes: for multi-label data, the comma-separated names
-    of the attributes to keep, in that order (None: all)."""
+    """The uint8 images (normalised later) of `dataset`'s "train" or "test" split; torchvision's download into data_dir
+    on first use. num_images: a fixed random subset; attributes: comma-separated names to keep, in order (None: all)."""
     size = image_size(img_size)
     if num_images is not None and (type(num_images) is not int or num_images < 1):
         raise UserError(f"num_images={num_images!r}: expected a number of images, 1 or more (None: all)")
@@ -166,7 +159,7 @@ def load_torchvision(name, size, split, data_dir):
     cls, train = TORCHVISION_DATASETS[name], split == "train"
     try:
         data = cls(root=data_dir, train=train, download=False)
-    except RuntimeError:  # not there yet: download it
+    except RuntimeError:
         try:
             data = cls(root=data_dir, train=train, download=True)
         except (OSError, RuntimeError, socket.error) as e:
@@ -205,11 +198,10 @@ def load_fer2013(path, size, split):
 
 
 def load_attributes(path, size, channels=None, split="train", attributes=None):
-    """An attribute table as ImageFiles labelled with multi-hot float vectors (1: the image has the attribute):
-    CelebA's list_attr_celeba.txt (a line with the number of images, a line of attribute names, then a line `file v1
-    v2 ...` per image, values 1 or -1, separated by spaces) or a .csv with a header `file,attr1,attr2,...` and values
-    1 or 0. The images are in an img_align_celeba/ folder beside the table if there is one, else beside the table.
-    The last tenth of the rows is the test split."""
+    """An attribute table as ImageFiles with multi-hot float labels: CelebA's list_attr_celeba.txt (a line with the
+    number of images, a line of attribute names, then `file v1 v2 ...` per image, values 1 or -1, space-separated) or a
+    .csv with a header `file,attr1,attr2,...` and values 1 or 0. The images: in img_align_celeba/ beside the table if
+    there is one, else beside it; the last tenth of the rows is the test split."""
     path, is_csv = Path(path), str(path).lower().endswith(".csv")
     with open(path, newline="") as f:
         lines = [(number, row) for number, row in enumerate(csv.reader(f) if is_csv else map(str.split, f), start=1)
@@ -255,8 +247,7 @@ def attribute_names(attributes):
 
 
 def select_attributes(labels, names, attributes, where):
-    """(labels, names) of the comma-separated `attributes` only, in their order (None: all); `where` names the
-    source of the names in the message for a missing one."""
+    """(labels, names) of the comma-separated `attributes` only, in their order (None: all); `where`: for the error."""
     if attributes is None:
         return labels, list(names)
     wanted = attribute_names(attributes)
@@ -324,8 +315,7 @@ def draw_shapes(count, size, seed=0):
 
 
 def draw_multishapes(count, size, seed=0):
-    """`count` images of 1 to 3 different shapes each, in random distinct quarters, labelled multi-hot over
-    SHAPE_CLASSES (float vectors); the same for the same (count, size, seed)."""
+    """`count` images of 1-3 distinct shapes in distinct quarters, multi-hot; same for the same (count, size, seed)."""
     images, labels = [], torch.zeros(count, len(SHAPE_CLASSES))
     for i in range(count):
         rng = np.random.default_rng([seed, i])
@@ -338,10 +328,9 @@ def draw_multishapes(count, size, seed=0):
 # --- the data loader: batches in a fixed order ---
 
 class EpochBatches(torch.utils.data.Sampler):
-    """The index batches of an epoch, the same on every run: a permutation fixed by (seed, epoch), cut into global
-    batches of batch_size * world_size, of which each process (rank) takes its slice; the last incomplete batch is
-    dropped. set_epoch(epoch, start) skips the first `start` batches (to resume). The indices are on `device`, where an
-    in-memory dataset is indexed (a GPU's: no copy to it every step)."""
+    """An epoch's index batches, the same on every run: a permutation fixed by (seed, epoch), cut into global batches
+    of batch_size * world_size (the last incomplete one dropped), each rank taking its slice. set_epoch(epoch, start)
+    skips `start` batches (to resume). Indices are on `device`, where in-memory data is indexed: no copy every step."""
 
     def __init__(self, num_items, batch_size, seed=0, rank=0, world_size=1, device="cpu"):
         self.num_items, self.batch_size, self.seed, self.rank, self.world_size = (
@@ -362,9 +351,7 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 def get_data(dataset, batch_size, seed=0, device="cpu", rank=0, world_size=1, num_workers=None):
-    """A DataLoader of (uint8 images, labels) batches of `dataset` (data.load_dataset's) in EpochBatches' order: call
-    dataloader.sampler.set_epoch(epoch) before each epoch. A dataset held in memory moves to the device and is indexed
-    there; files are decoded by worker processes (None: as many as the cores, at most 4)."""
+    """load_dataset's batches in EpochBatches' order: call dataloader.sampler.set_epoch(epoch) before each epoch."""
     in_memory = isinstance(dataset, ImageTensors)
     sampler = EpochBatches(len(dataset), batch_size, seed, rank, world_size, device if in_memory else "cpu")
     if len(sampler) == 0:
@@ -380,8 +367,7 @@ def get_data(dataset, batch_size, seed=0, device="cpu", rank=0, world_size=1, nu
 
 
 def complete_config(c, dataset, conditional):
-    """What the dataset decides: channels, class (or attribute) names, whether the labels are multi-hot vectors
-    (multi_label), flips (FLIP None: the dataset's), and num_classes (None: unconditional)."""
+    """What the dataset decides: channels, classes, multi_label, flip (if None), num_classes (None: unconditional)."""
     c.channels, c.classes, c.multi_label = dataset.channels, dataset.classes, dataset.labels.is_floating_point()
     c.flip = default_flip(c.dataset) if c.flip is None else c.flip
     if not conditional:

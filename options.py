@@ -1,7 +1,5 @@
 """A script's UPPERCASE constants as command-line options: preset files first (nanoGPT's configurator: `python
-ddpm_conditional.py config/tutorial.py`), then `--name VALUE`; --help shows each constant's comment from the script,
-grouped as the script groups them, and the machine's options that no script lists (MACHINE_OPTIONS); check_config
-says what is wrong with a setting before anything starts."""
+ddpm_conditional.py config/tutorial.py`), then `--name VALUE`; --help shows each constant's comment, in its group."""
 import argparse
 import ast
 import contextlib
@@ -15,8 +13,7 @@ from data import UserError, attribute_names, image_size
 from utils import check_cfg_scale
 
 
-# Every script's options that are not among its constants: where and how fast a run goes, not what it learns (a run
-# resumes with other values). {NAME: (default, comment)}; a preset may set them, config.json holds them.
+# Options not among a script's constants: where and how fast a run goes, not what it learns (a resume may change them).
 MACHINE_OPTIONS = {
     "DATA_DIR": ("data", "where torchvision datasets are downloaded to / looked for"),
     "SAVE_EVERY": (0, "also save every N steps within an epoch (0: only at the end of each epoch)"),
@@ -25,10 +22,9 @@ MACHINE_OPTIONS = {
 
 
 def parse_config(constants, argv=None, ignore=(), preset_run_suffix=""):
-    """A script's UPPERCASE constants and MACHINE_OPTIONS as a namespace of lower-case names, overridden by what preset
-    files set (each file is run), then by `--name VALUE` (parse_value; a bare `--flag` is True). `ignore`: constants
-    a preset may set that this script has not (ddpm.py: the conditional script's); `preset_run_suffix`: added to a
-    preset's RUN_NAME, so that each script's run of it has its own folders."""
+    """Constants and MACHINE_OPTIONS as lower-case names, set by preset files (each is run), then `--name VALUE` (a bare
+    `--flag` is True). `ignore`: constants a preset may set that this script lacks (ddpm.py: the conditional script's);
+    `preset_run_suffix`: added to a preset's RUN_NAME, so that each script's run of it has its own folders."""
     argv = sys.argv[1:] if argv is None else list(argv)
     defaults = {name: value for name, value in constants.items()
                 if name.isupper() and isinstance(value, (bool, int, float, str, tuple, type(None)))}
@@ -59,8 +55,7 @@ def parse_config(constants, argv=None, ignore=(), preset_run_suffix=""):
 
 
 def options_parser(constants, defaults, annotations):
-    """An --option for each constant, its help the constant's comment, under the script's `# --- group ---` titles;
-    MACHINE_OPTIONS in "data and machine"."""
+    """An --option for each constant, its help the constant's comment, under the script's `# --- group ---` titles."""
     parser = ErrorParser(description=constants.get("__doc__"), formatter_class=argparse.RawDescriptionHelpFormatter,
                          allow_abbrev=False,  # --epoch is a misspelling, not --epochs
                          usage="%(prog)s [config/PRESET.py ...] [--option VALUE ...]")
@@ -78,8 +73,7 @@ def options_parser(constants, defaults, annotations):
 
 
 def constant_comments(path):
-    """{NAME: [the title of its group, its comment]} from a script's source: the comment after `NAME = value`
-    and the comment lines below it."""
+    """{NAME: [its group's title, its comment]}: the comment after `NAME = value` and the comment lines below it."""
     comments, title, name = {}, None, None
     for line in (Path(path).read_text().splitlines() if path else []):
         if match := re.match(r"# --- (.*) ---", line):
@@ -126,8 +120,7 @@ def parse_value(name, text, default, annotation=None, where=None):
 
 
 def check_config(c):
-    """A clear message for each impossible setting that nothing checks before the run's first file is written (the
-    UNet's, the amp's, the logger's and the optimizer's settings are checked where they are used)."""
+    """A clear message for each impossible setting unchecked before the first file is written (others: where used)."""
     size = image_size(c.img_size)
     if len(size) != 2 or not all(type(s) is int and s > 0 and s % 8 == 0 for s in size):
         raise UserError(f"img_size={c.img_size}: height and width must be positive and divisible by 8 "

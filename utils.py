@@ -1,6 +1,5 @@
-"""The plumbing both training scripts share: devices and precision, the training loop's helpers, torchrun, sampling's
-inputs and outputs, images and plots. The datasets and their loader (get_data) are in data.py, the checkpoint files in
-checkpoints.py, the options and presets in options.py."""
+"""What both training scripts share: devices and precision, the loop's helpers, torchrun, sampling's inputs and
+outputs, images and plots. Elsewhere: the datasets and get_data (data.py), checkpoints.py, options.py."""
 import contextlib
 import math
 import os
@@ -62,8 +61,7 @@ def warn_unusable_gpu():
 
 
 def grad_scaler(device, amp):
-    """The loss scaler float16 autocast needs (None otherwise); refused on Apple MPS, where torch's GradScaler needs
-    float64, which MPS lacks."""
+    """float16's loss scaler (else None); refused on Apple MPS: torch's GradScaler needs float64, which MPS lacks."""
     if amp != torch.float16:
         return None
     if device.type == "mps":
@@ -100,9 +98,8 @@ def bf16_supported(device):
 
 
 def amp_dtype(device, amp=True):
-    """The autocast dtype of mixed precision on this device. amp True: bfloat16 where it is native, float16 on CUDA
-    GPUs without it (T4, V100, P100: training needs a GradScaler), else None (fp32); False: None; "bf16" or "fp16":
-    that dtype (e.g. to try fp16 on Apple MPS)."""
+    """amp True: bfloat16 where native, float16 on CUDA GPUs without it (T4, V100, P100: training needs a GradScaler),
+    else None (fp32); False: None; "bf16" or "fp16": that dtype (e.g. to try fp16 on Apple MPS)."""
     device = torch.device(device)
     if amp not in (True, False, "bf16", "fp16"):
         raise UserError(f"amp={amp!r}: expected True (automatic), False, 'bf16' or 'fp16'")
@@ -120,14 +117,12 @@ def amp_dtype(device, amp=True):
 
 
 def autocast(device, amp_dtype):
-    """Autocast to amp_dtype on this device; None: plain fp32, no autocast at all (torch 2.5 on Apple MPS warns about
-    an fp32 autocast even when it is disabled)."""
+    """None: no autocast at all (torch 2.5 on Apple MPS warns about an fp32 autocast even when it is disabled)."""
     return contextlib.nullcontext() if amp_dtype is None else torch.autocast(torch.device(device).type, amp_dtype)
 
 
 def autocast_runs(device, dtype):
-    """Whether autocast to dtype really runs on this device: torch disables, with a warning, one it does not support
-    there (bf16 on Apple MPS before torch 2.6), and the run would go on in fp32."""
+    """Whether autocast to dtype really runs: torch warns and disables one it lacks (bf16 on MPS before torch 2.6)."""
     device = torch.device(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -138,9 +133,8 @@ def autocast_runs(device, dtype):
 # --- the loop's helpers: the loss log, the learning rate, the loss readout, Ctrl-C ---
 
 def make_logger(kind, run_name, config):
-    """log(step, scalars, images=None) beside loss.png and the grids: scalars ({"loss": ..., "lr": ...}) and a sample
-    grid (uint8 images) to TensorBoard (runs/<run_name>/, as the tutorial; the grid in its Images tab) or to Weights &
-    Biases (offline too: WANDB_MODE=offline); kind None: nowhere. Neither package is required otherwise."""
+    """log(step, scalars, images=None): scalars and a uint8 sample grid to TensorBoard (runs/<run_name>/, as the
+    tutorial) or Weights & Biases (WANDB_MODE=offline too); kind None: nowhere. Neither package is needed otherwise."""
     if kind is None:
         return lambda step, scalars, images=None: None
     if kind not in ("tensorboard", "wandb"):
@@ -182,8 +176,7 @@ def time_left(started, steps_done, steps_left):
 
 
 def mean_loss(total, steps, world_size, step, models_dir):
-    """The mean of `steps` losses summed on the device (reading it waits for the device), over all processes under
-    torchrun, so every rank stops alike; a NaN or infinite loss stops the run."""
+    """Mean of `steps` losses summed on the device (reading waits for it), over all ranks so that all stop alike."""
     if world_size > 1:
         dist.all_reduce(total)
         total /= world_size
@@ -196,9 +189,8 @@ def mean_loss(total, steps, world_size, step, models_dir):
 
 @contextlib.contextmanager
 def save_and_stop_on_ctrl_c(models_dir, enabled=True):
-    """Yields interrupted(): whether Ctrl-C was pressed, so that the loop saves at the next step boundary and stops
-    (said at once); a second Ctrl-C stops at once, saying whether models_dir holds a checkpoint. Under torchrun
-    (enabled False) Ctrl-C stops at once: the processes would not stop at the same step."""
+    """Yields interrupted(): whether Ctrl-C was pressed, so the loop saves at the next step and stops; a second stops at
+    once. Under torchrun (enabled False) Ctrl-C stops at once: the processes would not stop at the same step."""
     pressed = []
 
     def handler(signum, frame):
@@ -226,14 +218,13 @@ def save_and_stop_on_ctrl_c(models_dir, enabled=True):
 
 @contextlib.contextmanager
 def distributed(device):
-    """(device, rank, world_size) of this process. Under torchrun (with one process too) it joins the process group,
-    NCCL on CUDA (one GPU per process, LOCAL_RANK) or gloo on the CPU, and leaves it at the end; a plain `python` run
-    is rank 0 of 1."""
+    """(device, rank, world_size). Under torchrun (with one process too) it joins the process group, NCCL on CUDA (one
+    GPU per process, LOCAL_RANK) or gloo on the CPU, and leaves it at the end; a plain `python` run is rank 0 of 1."""
     device = pick_device(device)
-    if "LOCAL_RANK" not in os.environ:  # not started by torchrun
+    if "LOCAL_RANK" not in os.environ:
         yield device, 0, 1
         return
-    if device.type == "cuda":  # NCCL, bound to this process's GPU
+    if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
@@ -250,8 +241,7 @@ def distributed(device):
 @contextlib.contextmanager
 def local_rank_zero_first():
     """Under torchrun a block that prepares files (a download) runs in three turns: rank 0, then each other machine's
-    first process (which finds the files on a shared filesystem, else fetches its own), then the rest; without
-    torchrun, just the block."""
+    first process (which finds the files on a shared filesystem, else fetches its own), then the rest."""
     if not dist.is_initialized():
         yield
         return
@@ -263,8 +253,7 @@ def local_rank_zero_first():
 
 
 def no_sync(model, last_micro_batch):
-    """DistributedDataParallel all-reduces the gradients at every backward; those of GRAD_ACCUM's micro-batches before
-    the last only add up locally (the same result, fewer all-reduces)."""
+    """DDP: GRAD_ACCUM's micro-batches before the last add their gradients locally: same result, fewer all-reduces."""
     ddp = getattr(model, "_orig_mod", model)  # (torch.compile wraps the DDP model)
     if last_micro_batch or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
@@ -324,16 +313,14 @@ def check_cfg_scale(cfg_scale):
 # --- images, plots, files ---
 
 def setup_logging(run_name):
-    """A run's folders, models/<run_name> (checkpoints) and results/<run_name> (grids, loss curve), made when their
-    first file is written."""
+    """models/<run_name> (checkpoints) and results/<run_name> (grids, loss curve), made at their first file."""
     if not run_name or Path(run_name).is_absolute() or ".." in Path(run_name).parts or Path(run_name) == Path("."):
         raise UserError(f"run_name={run_name!r}: expected a name for the run's folders in models/ and results/")
     return Path("models") / run_name, Path("results") / run_name
 
 
 def plot_images(images, nrow=8, path=None):
-    """Show uint8 images (n, C, H, W) as a grid, in a notebook or a window; where matplotlib can show nothing (no
-    display), save it to `path` instead and say so (None: samples_1.png, samples_2.png, ... in turn)."""
+    """Show uint8 images (n, C, H, W) as a grid; with no display, save it to `path` (None: samples_1.png, ...)."""
     import matplotlib
     import matplotlib.pyplot as plt
     grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow)
@@ -396,8 +383,7 @@ def save_loss_plot(losses, path):
 
 
 def replace_atomically(path, write):
-    """write(a temporary file beside `path`), then rename it over `path`: a kill at any moment leaves the old file or
-    the new one, never half of one."""
+    """write(a temp file beside `path`), then rename it over `path`: a kill leaves the old or new file, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
