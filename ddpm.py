@@ -6,9 +6,8 @@
     torchrun --nproc_per_node=N ddpm.py              # N processes (GPUs), DistributedDataParallel
 
 Below the constants: Diffusion (the forward process, Algorithm 2, DDIM and DPM-Solver++, classifier-free guidance,
-RePaint inpainting, SDEdit img2img), then train_step (Algorithm 1) and train(), the loop; last, load_run. Checkpoints
-go to models/<RUN_NAME>/, grids and the loss curve to results/<RUN_NAME>/; Ctrl-C saves and stops; the same command
-again resumes.
+RePaint inpainting, SDEdit img2img), train_step (Algorithm 1), train(), load_run. Checkpoints go to models/<RUN_NAME>/,
+grids and the loss curve to results/<RUN_NAME>/; Ctrl-C saves and stops; the same command resumes.
 """
 import argparse
 import copy
@@ -32,7 +31,7 @@ from utils import (all_gather, amp_dtype, autocast, check_attention_memory, chec
                    mean_loss, no_sync, pick_device, plot_images, save_and_stop_on_ctrl_c, save_images, save_loss_plot,
                    save_progress_gif, setup_logging, time_left, to_images)
 
-__all__ = ["Diffusion", "UNet", "load_run", "plot_images", "save_images"]  # from ddpm import *
+__all__ = ["Diffusion", "UNet", "load_run", "plot_images", "save_images"]
 
 # --- the tutorial's knobs ---
 RUN_NAME = "DDPM_unconditional"  # files go to models/<RUN_NAME>/ and results/<RUN_NAME>/
@@ -72,8 +71,7 @@ LOGGER: str | None = None  # the loss, LR and sample grids also to "tensorboard"
 
 
 class Diffusion:
-    """The forward process q(x_t | x_0), the training loss and the samplers. Timestep index t = 0 .. T-1 is the
-    paper's t = 1 .. T."""
+    """Forward process q(x_t | x_0), training loss, samplers. Index t = 0 .. T-1 is the paper's t = 1 .. T."""
 
     def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, device=None, channels=3,
                  schedule="linear", prediction="eps", loss_weighting="none", min_snr_gamma=5.0, timesteps="uniform"):
@@ -106,16 +104,15 @@ class Diffusion:
         return alpha_hat.sqrt() * x + (1 - alpha_hat).sqrt() * noise, noise
 
     def sample_timesteps(self, n, generator=None):
-        """t ~ Uniform({1, ..., T}) (Algorithm 1, line 3), as indices 0 .. T-1; or "logit_normal": t / T = sigmoid(u),
-        u ~ N(0, 1), which trains the middle noise levels more often (Esser et al. 2024, eq. 19)."""
+        """t ~ Uniform({1, ..., T}) (Algorithm 1, line 3); or "logit_normal": t / T = sigmoid(u), u ~ N(0, 1), which
+        trains the middle noise levels more often (Esser et al. 2024, eq. 19)."""
         if self.timesteps == "uniform":
             return torch.randint(0, self.noise_steps, (n,), device=self.device, generator=generator)
         u = torch.randn(n, device=self.device, generator=generator)
         return (torch.sigmoid(u) * self.noise_steps).long().clamp(max=self.noise_steps - 1)
 
     def training_target(self, x0, noise, t):
-        """What the network learns to predict from x_t: the noise eps (Ho et al. 2020) or the velocity
-        v = sqrt(alpha_hat) eps - sqrt(1 - alpha_hat) x_0 (Salimans & Ho 2022)."""
+        """Target: eps (Ho et al. 2020) or v = sqrt(alpha_hat) eps - sqrt(1 - alpha_hat) x_0 (Salimans & Ho 2022)."""
         if self.prediction == "eps":
             return noise
         alpha_hat = self.alpha_hat[t][:, None, None, None]
@@ -131,18 +128,17 @@ class Diffusion:
         return clipped / snr if self.prediction == "eps" else clipped / (snr + 1)
 
     def loss(self, predicted, x0, noise, t):
-        """Algorithm 1, line 5, one per sample: loss_weight(t) * || target - predicted ||^2 (the tutorial's:
-        || eps - eps_theta(x_t, t) ||^2, weight 1)."""
+        """Algorithm 1, line 5, per sample: loss_weight(t) * || target - predicted ||^2 (tutorial: eps, weight 1)."""
         squared_error = (predicted.float() - self.training_target(x0, noise, t)).square().mean(dim=(1, 2, 3))
         return self.loss_weight(t) * squared_error
 
     @torch.inference_mode()
     def sample(self, model, n, labels=None, cfg_scale=3, steps=None, generator=None, progress=True, sampler=None,
                frames_every=None):
-        """n images as uint8 (n, C, H, W) from pure noise: sampler "ancestral" (Algorithm 2, all T steps), or `steps`
+        """n uint8 images (n, C, H, W) from pure noise: sampler "ancestral" (Algorithm 2, all T steps), or `steps`
         steps of deterministic "ddim" or "dpm++" (DPM-Solver++(2M)); None: ancestral if steps is None, else DDIM.
-        labels: class indices (n,) (-1: none) or multi-hot vectors (n, classes), or None; cfg_scale as the tutorial's
-        (0 or 1: the conditional model, above 1: guided). frames_every=k: also the predicted x_0 every k steps."""
+        labels: class indices (n,) (-1: none), multi-hot (n, classes) or None; cfg_scale: see guided_output.
+        frames_every=k: also the predicted x_0 every k steps."""
         x = torch.randn((n, self.channels, *self.img_size), device=self.device, generator=generator)
         out = self.denoise(model, x, labels, cfg_scale, steps, generator, progress, sampler, frames_every=frames_every)
         return (to_images(out[0]), out[1]) if frames_every else to_images(out)
@@ -151,7 +147,7 @@ class Diffusion:
     def denoise(self, model, x, labels=None, cfg_scale=3, steps=None, generator=None, progress=False, sampler=None,
                 start=None, frames_every=None):
         """The reverse process, as sample's, from x = x_t at timestep index `start` (None: T - 1) to x_0 (floats)."""
-        labels, model = check_labels(model, labels, len(x), self.device), model.to(self.device)  # (one device)
+        labels, model = check_labels(model, labels, len(x), self.device), model.to(self.device)
         check_cfg_scale(cfg_scale)
         start = self.noise_steps - 1 if start is None else start
         sampler = sampler or ("ancestral" if steps is None else "ddim")
@@ -198,9 +194,8 @@ class Diffusion:
         return math.sqrt(alpha_hat) * x - math.sqrt(1 - alpha_hat) * output
 
     def guided_output(self, model, x, t, labels, cfg_scale):
-        """The output with classifier-free guidance: out_u + s (out_c - out_u) (Ho & Salimans 2022, eq. 6, s = 1 + w;
-        v is affine in eps at fixed x_t, so it holds for v too). As the tutorial guides only when
-        cfg_scale > 0, 0 is the conditional model too."""
+        """Classifier-free guidance: out_u + s (out_c - out_u) (Ho & Salimans 2022, eq. 6, s = 1 + w; for v too: affine
+        in eps at fixed x_t). s = 0 or 1: the conditional model (the tutorial guides only when s > 0)."""
         if labels is None:
             return model(x, t)
         if cfg_scale in (0, 1):
@@ -210,8 +205,7 @@ class Diffusion:
         return eps_u + cfg_scale * (eps_c - eps_u)
 
     def posterior_mean(self, x, x0, alpha_hat, alpha_hat_next):
-        """The mean of q(x_t' | x_t, x_0) (eq. 7) for a step from x = x_t down to t' < t, with the beta of the jump,
-        1 - alpha_hat_t / alpha_hat_t' (beta_t when t' = t - 1)."""
+        """Mean of q(x_t' | x_t, x_0) (eq. 7) from x = x_t to t' < t, with beta = 1 - alpha_hat_t / alpha_hat_t'."""
         beta = 1 - alpha_hat / alpha_hat_next
         return (math.sqrt(alpha_hat_next) * beta * x0
                 + math.sqrt(1 - beta) * (1 - alpha_hat_next) * x) / (1 - alpha_hat)
@@ -221,10 +215,10 @@ class Diffusion:
         return 0.5 * math.log(self.alpha_hat_list[step] / (1 - self.alpha_hat_list[step]))
 
     def sampler_timesteps(self, steps, sampler, start):
-        """The timesteps `sampler` visits from `start` down to 0: all for "ancestral"; `steps` (None: all) for DDIM,
-        spaced quadratically, dense at low noise where its first-order step loses most (Song et al. 2021, app. D.2);
-        for DPM-Solver++ uniform in lambda (Lu et al. 2022), from lambda = -5.1 (diffusers' lambda_min_clipped: the
-        cosine schedule's lambda(T) = -9.9 would spend a third of the steps on pure noise)."""
+        """The timesteps from `start` down to 0: all for "ancestral"; `steps` (None: all) for DDIM, spaced
+        quadratically, dense at low noise where its first-order step loses most (Song et al. 2021, app. D.2); for
+        DPM-Solver++ uniform in lambda (Lu et al. 2022) from lambda = -5.1 (diffusers' lambda_min_clipped: the cosine
+        schedule's lambda(T) = -9.9 would spend a third of the steps on pure noise)."""
         if sampler not in ("ancestral", "ddim", "dpm++"):
             raise UserError(f"sampler '{sampler}': expected 'ancestral', 'ddim' or 'dpm++'")
         if sampler == "ancestral" and steps not in (None, start + 1):
@@ -255,7 +249,7 @@ class Diffusion:
         x0 = from_images(images, (self.channels, *self.img_size), self.device)
         if strength == 0:
             return images.to(self.device).clone()
-        start = math.ceil(strength * self.noise_steps) - 1  # the index of t = strength * T, rounded up
+        start = math.ceil(strength * self.noise_steps) - 1
         noise = torch.randn(x0.shape, device=self.device, generator=generator)
         x, _ = self.noise_images(x0, torch.full((len(x0),), start, device=self.device), noise)
         steps = None if steps is None else min(steps, start + 1)
@@ -264,9 +258,8 @@ class Diffusion:
     @torch.inference_mode()
     def inpaint(self, model, images, mask, labels=None, cfg_scale=3, steps=50, resample=1, generator=None):
         """RePaint (Lugmayr et al. 2022, Algorithm 1): fill in uint8 images (n, C, H, W) where mask (n or 1, 1 or C,
-        H, W) is 0, keep them where it is 1: DDIM's `steps` timesteps (None: all T) as stochastic posterior steps, the
-        known pixels the real image noised to each step's level; `resample` > 1 redoes each step after noising it one
-        step back, which harmonises the two regions (README.md: by how much)."""
+        H, W) is 0: DDIM's `steps` timesteps (None: all T) as stochastic posterior steps, known pixels noised to each
+        step's level; `resample` > 1 redoes each step after noising it one step back, harmonising the two regions."""
         known = from_images(images, (self.channels, *self.img_size), self.device)
         mask = torch.as_tensor(mask).float().to(self.device)  # (a float64 numpy mask: MPS has no float64)
         if mask.ndim != 4 or any(m not in (1, k) for m, k in zip(mask.shape, known.shape)):
@@ -299,13 +292,13 @@ class Diffusion:
 
 def train_step(model, ema_model, ema, optimizer, diffusion, images, generator, c, amp=None, scaler=None,
                importance=None, rank=0, world_size=1):
-    """One optimizer step of Algorithm 1 on a batch of uint8 images, then the EMA update; returns the loss as a tensor
-    (no wait for the device). scaler: float16's GradScaler. Under torchrun every process draws the random numbers of
-    the whole global batch and keeps its slice, so N processes compute what one does with the global batch."""
+    """One optimizer step of Algorithm 1 on uint8 images, then the EMA update; returns the loss as a tensor (no wait
+    for the device). scaler: float16's GradScaler. Under torchrun every process draws the random numbers of the whole
+    global batch and keeps its slice, so N processes compute what one does with the global batch."""
     x0 = images.float() / 127.5 - 1  # [0, 255] -> [-1, 1]
     n, N, device = len(x0), len(x0) * world_size, x0.device
-    mine = slice(rank * n, (rank + 1) * n)  # this process's slice of the global batch
-    if c.flip:  # random horizontal flips
+    mine = slice(rank * n, (rank + 1) * n)
+    if c.flip:
         flip = torch.rand(N, device=device, generator=generator)[mine] < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
     t = (importance or diffusion).sample_timesteps(N, generator)[mine]  # Algorithm 1, line 3
@@ -346,14 +339,14 @@ def train(config):
     resumes the run in models/<run_name>/ where one is. Returns (model, ema_model)."""
     c = argparse.Namespace(**vars(config))  # completed below from the data; the caller's stays as it was
     check_config(c)
-    with distributed(c.device) as (device, rank, world_size):  # torchrun: one process per GPU
+    with distributed(c.device) as (device, rank, world_size):
         log = print if rank == 0 else lambda *args: None
         with local_rank_zero_first():  # torchrun: one process downloads, then the others read
             dataset = load_dataset(c.dataset, c.img_size, None, "train", c.data_dir, c.num_images, c.seed)
         complete_config(c, dataset, conditional=False)
         c.world_size = world_size  # the global batch is world_size * batch_size * grad_accum images
         models_dir, results_dir = setup_logging(c.run_name)
-        state = read_train_state(models_dir, vars(c))  # None for a new run
+        state = read_train_state(models_dir, vars(c))
 
         torch.manual_seed(c.seed)
         model = make_model(c).to(device)
@@ -371,7 +364,7 @@ def train(config):
                    generator=generator, importance=importance)
         # where the run stands; total and count: the losses since the last readout, summed on the device
         epoch, batch, step, losses, total, count = resume(state, run, log, c.epochs) if state else (0, 0, 0, [], 0.0, 0)
-        if epoch >= c.epochs:  # a finished run: nothing to do (resume said so)
+        if epoch >= c.epochs:
             return model, ema_model
 
         torchrun = torch.distributed.is_initialized()
@@ -386,7 +379,7 @@ def train(config):
                 f"{world_size * batch_size}" if torchrun else ""))
         logger = make_logger(c.logger, c.run_name, vars(c)) if rank == 0 else lambda step, scalars, images=None: None
         with save_and_stop_on_ctrl_c(models_dir, enabled=not torchrun) as interrupted:
-            started, first_step = time.perf_counter(), step  # the pace so far: the time left
+            started, first_step = time.perf_counter(), step
             for epoch in range(epoch, c.epochs):
                 dataloader.sampler.set_epoch(epoch, start=batch)
                 pbar = tqdm(dataloader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, disable=rank != 0)
@@ -417,7 +410,7 @@ def train(config):
                     save_train_state(models_dir, c, run, epoch + 1, 0, step, losses)
                     grid = sample_grid(diffusion, ema_model, c, amp, device)
                     save_images(grid, results_dir / f"{epoch + 1}.jpg")
-                    logger(step, {}, images=grid)  # TensorBoard's Images tab, or W&B
+                    logger(step, {}, images=grid)
                     save_progress_gif(results_dir, epoch + 1)
                     save_loss_plot(losses, results_dir / "loss.png")
         log(f"done: {models_dir}/ema_ckpt.pt, sample grids in {results_dir}/")

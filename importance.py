@@ -1,14 +1,12 @@
-"""Importance sampling of the training timesteps (TIMESTEPS = "importance"): its own small class with a state_dict,
-as improved-diffusion's resample.py keeps it, so that the diffusion itself stays stateless."""
+"""Importance sampling of the training timesteps: a class of its own with a state_dict, so Diffusion stays stateless."""
 import torch
 
 
 class ImportanceSampler:
-    """TIMESTEPS = "importance": t drawn where the loss is large or varies most, its loss weighted so that the
-    objective stays the logit-normal's (Nichol & Dhariwal 2021, sec. 3.3; improved-diffusion's resample.py). The
-    logit-normal's P(t) is cut into 20 bins; once every bin has 8 losses, bin b is drawn at the rate
-    q_b = 0.8 p_b sqrt(E[loss^2]_b) / Z + 0.2 p_b, which minimises the variance of the loss's estimate, and each
-    loss is weighted p_b / q_b, so that E_q[weight * loss] = E_p[loss]."""
+    """TIMESTEPS = "importance": t drawn where the loss is large or varies most, weighted so that the objective stays
+    the logit-normal's (Nichol & Dhariwal 2021, sec. 3.3; improved-diffusion's resample.py). The logit-normal's P(t) is
+    cut into 20 bins; once each has 8 losses, bin b is drawn at the rate q_b = 0.8 p_b sqrt(E[loss^2]_b) / Z + 0.2 p_b,
+    which minimises the loss estimate's variance, and weighted p_b / q_b, so that E_q[weight * loss] = E_p[loss]."""
 
     def __init__(self, noise_steps, device, bins=20):
         bins, steps = min(bins, noise_steps), torch.arange(noise_steps + 1, dtype=torch.float64)
@@ -36,9 +34,9 @@ class ImportanceSampler:
         return (self.p_bin / self.proposal())[self.bin_of_t[t]]
 
     def update(self, t, losses):
-        """Each bin's mean squared loss takes in the losses (unweighted) at timesteps t, each older loss weighted
-        (31/32)^k, k the number of the bin's losses after it. Called with the whole global batch after its step, so
-        q stays the same within a step. A NaN or infinite loss is left out (the run's NaN stop reports it)."""
+        """Each bin's mean squared loss takes in the (unweighted) losses at t, an older loss weighted (31/32)^k, k the
+        bin's losses after it. Called with the global batch after its step: q is fixed within a step. A NaN or infinite
+        loss is left out (the run's NaN stop reports it)."""
         bins, finite = self.bin_of_t[t], losses.isfinite()
         seen = torch.zeros_like(self.loss_count).index_add_(0, bins, finite.float())
         batch_square = torch.zeros_like(self.loss_square).index_add_(0, bins, losses.float().where(finite, 0).square())

@@ -1,7 +1,6 @@
-"""The UNet of the DDPM tutorial, with self-attention, and the EMA helper. At its defaults `UNet()` /
-`UNet_conditional(num_classes=10)` has the tutorial's state-dict keys and computes the same function, so its
-checkpoints load here. Beyond it: any image size divisible by 8, any channel count, a `width` that scales every layer,
-`attention` at chosen resolutions, GroupNorm groups and FiLM."""
+"""The DDPM tutorial's UNet, with self-attention, and the EMA helper. At its defaults `UNet()` /
+`UNet_conditional(num_classes=10)` has the tutorial's state-dict keys and function: its checkpoints load here. Beyond
+it: image sizes divisible by 8, any channel count, `width`, `attention` resolutions, GroupNorm groups, FiLM."""
 
 import torch
 import torch.nn as nn
@@ -10,8 +9,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class EMA:
-    """Exponential moving average of a model's weights: ema = beta * ema + (1 - beta) * model; for the first
-    `step_start_ema` steps a plain copy (the tutorial's warm-up)."""
+    """Moving average of a model's weights: ema = beta * ema + (1 - beta) * model; a copy for `step_start_ema` steps."""
 
     def __init__(self, beta):
         self.beta = beta
@@ -28,7 +26,7 @@ class EMA:
 
     @torch.no_grad()
     def update_model_average(self, ema_model, model):
-        self.average(list(ema_model.parameters()), list(model.parameters()), None)  # ema + (1 - beta) (current - ema)
+        self.average(list(ema_model.parameters()), list(model.parameters()), None)
 
     @torch.no_grad()
     def reset_parameters(self, ema_model, model):
@@ -36,10 +34,9 @@ class EMA:
 
 
 class SelfAttention(nn.Module):
-    """Pre-LayerNorm multi-head self-attention over the H*W positions, then a residual feed-forward block. The
-    parameters keep nn.MultiheadAttention's layout (the tutorial's keys); the attention runs through
-    F.scaled_dot_product_attention (in fp32 when it trains on a CPU in bf16: torch's CPU backward is faster so).
-    `size`, the tutorial's argument, is ignored: the input's size is used."""
+    """Pre-LayerNorm multi-head self-attention over the H*W positions, then a residual feed-forward block, with
+    nn.MultiheadAttention's parameters (the tutorial's keys) but F.scaled_dot_product_attention (in fp32 when training
+    on a CPU in bf16: torch's CPU backward is faster so). `size` (the tutorial's) is ignored: the input's is used."""
 
     def __init__(self, channels, size=None, heads=4):
         super().__init__()
@@ -111,8 +108,7 @@ def apply_embedding(x, emb, film):
 
 
 class Down(nn.Module):
-    """Halve the resolution, a residual DoubleConv and one that changes the width, then add the projected time (and
-    label) embedding (or FiLM)."""
+    """Halve the resolution, a residual DoubleConv and one that changes the width, then apply_embedding."""
 
     def __init__(self, in_channels, out_channels, emb_dim=256, groups=1, film=False):
         super().__init__()
@@ -129,8 +125,7 @@ class Down(nn.Module):
 
 
 class Up(nn.Module):
-    """Double the resolution, concatenate the skip connection, a residual DoubleConv and one that changes the width,
-    add the embedding."""
+    """Double the resolution, concatenate the skip connection, then Down's two DoubleConvs and apply_embedding."""
 
     def __init__(self, in_channels, out_channels, emb_dim=256, groups=1, film=False):
         super().__init__()
@@ -149,15 +144,14 @@ class Up(nn.Module):
 
 
 class UNet(nn.Module):
-    """The tutorial's UNet: three Down and three Up levels, a 3-block bottleneck, self-attention after each level.
-    width: channels at full resolution (the tutorial's 64); the levels below have 2x, 4x, 4x, the bottleneck 8x.
-    attention: the downsampling factors where self-attention runs: 1 full resolution (sa6), 2 half (sa1, sa5), 4 a
-    quarter (sa2, sa4), 8 an eighth (sa3); the tutorial's (1, 2, 4, 8) is all six. norm_groups: GroupNorm groups in
-    every block (the tutorial's 1); film: the embedding as a scale and shift. device: ignored (use .to(device))."""
+    """Three Down and three Up levels, a 3-block bottleneck, self-attention after each level. width: channels at full
+    resolution (the tutorial's 64); the levels below have 2x, 4x, 4x, the bottleneck 8x. attention: the downsampling
+    factors where self-attention runs: 1 full resolution (sa6), 2 half (sa1, sa5), 4 a quarter (sa2, sa4), 8 an eighth
+    (sa3); the tutorial's (1, 2, 4, 8) is all six. device: ignored (use .to(device))."""
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, width=64, attention=(1, 2, 4, 8), device=None, norm_groups=1,
                  film=False):
-        super().__init__()  # (a ValueError names the option: make_model shows it as one line)
+        super().__init__()
         if width < 4 or width % 4:
             raise ValueError(f"width={width}: must be a positive multiple of 4 (self-attention uses 4 heads)")
         if norm_groups < 1 or width % norm_groups:
@@ -217,9 +211,8 @@ class UNet(nn.Module):
 
 
 class UNet_conditional(UNet):
-    """The UNet with a class embedding added to the time embedding. y: class indices (n,) (negative: no label, the
-    null condition of classifier-free guidance); or multi-hot float vectors (n, num_classes), e.g. face attributes,
-    the sum of their classes' embeddings (all zeros: the null condition); or None, no label (the tutorial's)."""
+    """The UNet with a class embedding added to the time embedding. y: class indices (n,) (negative: the null
+    condition), multi-hot float vectors (n, num_classes) (all zeros: the null condition), or None (the tutorial's)."""
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, width=64, attention=(1, 2, 4, 8), device=None,
                  norm_groups=1, film=False):

@@ -5,9 +5,8 @@ from data import UserError
 
 
 def make_optimizer(model, lr, device, kind="adamw"):
-    """"adamw" (the tutorial's), as one fused kernel where torch has one (CUDA, CPU), else as foreach; or "muon":
-    Muon for the hidden layers' weight matrices, AdamW for the rest (biases, norms, the input and output layers and
-    the label embedding, as Jordan et al. keep them)."""
+    """"adamw" (the tutorial's), fused where torch has it (CUDA, CPU), else foreach; or "muon", with AdamW for the
+    biases, norms, the input and output layers and the label embedding (as Jordan et al. keep them)."""
     if kind not in ("adamw", "muon"):
         raise UserError(f"optimizer={kind!r}: expected 'adamw' or 'muon'")
     if kind == "muon":
@@ -21,11 +20,10 @@ def make_optimizer(model, lr, device, kind="adamw"):
 
 
 def orthogonalise(g, steps=5):
-    """U V^T of each matrix g = U S V^T (g: a matrix, or a batch of matrices of one shape), approximately (its singular
-    values brought to about 0.7 to 1.2), by the quintic Newton-Schulz iteration of Jordan et al. 2024: x <- p(a) x,
-    a = x x^T, p(a) = 3.4445 - 4.7750 a + 2.0315 a^2. It runs on the Gram matrix of the short side (a <- p(a) a p(a),
-    and q, the product of the p's) and multiplies by x once at the end: the same result, with two products with the
-    wide x in all instead of two a step."""
+    """U V^T of each matrix g = U S V^T (a matrix or a batch of one shape), approximately (singular values to about
+    0.7 to 1.2), by the quintic Newton-Schulz iteration of Jordan et al. 2024: x <- p(a) x, a = x x^T,
+    p(a) = 3.4445 - 4.7750 a + 2.0315 a^2. It runs on the short side's Gram matrix (a <- p(a) a p(a), q the product of
+    the p's) and multiplies by x once at the end: the same result, with two products with the wide x, not two a step."""
     x = g / (g.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # all singular values <= 1
     tall = x.shape[-2] > x.shape[-1]
     if tall:
@@ -41,13 +39,11 @@ def orthogonalise(g, steps=5):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon (Jordan et al. 2024) for the parameter groups marked "muon": True, AdamW for those marked False, in one
-    optimizer (one state to save and resume). A matrix's update is its Nesterov momentum orthogonalised (a
-    convolution's weight seen as out x in*k*k), scaled to the RMS that AdamW's update has, 0.2 (Liu et al. 2025), so
-    one LR serves both. The AdamW part has beta2 0.99 (torch's default: 0.999), as in the Muon runs of
-    docs/measurements.md. (torch.optim.Muon takes 2-D parameters only, and orthogonalises in bf16, slow on CPUs
-    without it.) The matrices of one shape are orthogonalised together, as a batch: a few kernels a step, not a few
-    thousand."""
+    """Muon (Jordan et al. 2024) for the groups marked "muon": True, AdamW for the others, in one optimizer (one state
+    to save). A matrix's update is its Nesterov momentum orthogonalised (a convolution's weight as out x in*k*k), scaled
+    to AdamW's update RMS, 0.2 (Liu et al. 2025), so one LR serves both. AdamW's beta2 is 0.99 (torch's: 0.999), as in
+    docs/measurements.md's Muon runs. (torch.optim.Muon takes 2-D parameters only and orthogonalises in bf16, slow on
+    CPUs without it.) Matrices of one shape are orthogonalised as one batch: a few kernels a step, not thousands."""
 
     def __init__(self, groups, lr, momentum=0.95, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01):
         super().__init__(groups, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay))
