@@ -159,7 +159,7 @@ def load_torchvision(name, size, split, data_dir):
     cls, train = TORCHVISION_DATASETS[name], split == "train"
     try:
         data = cls(root=data_dir, train=train, download=False)
-    except RuntimeError:
+    except RuntimeError:  # not there yet: download it
         try:
             data = cls(root=data_dir, train=train, download=True)
         except (OSError, RuntimeError, socket.error) as e:

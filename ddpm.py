@@ -31,7 +31,7 @@ from utils import (all_gather, amp_dtype, autocast, check_attention_memory, chec
                    mean_loss, no_sync, pick_device, plot_images, save_and_stop_on_ctrl_c, save_images, save_loss_plot,
                    save_progress_gif, setup_logging, time_left, to_images)
 
-__all__ = ["Diffusion", "UNet", "load_run", "plot_images", "save_images"]
+__all__ = ["Diffusion", "UNet", "load_run", "plot_images", "save_images"]  # from ddpm import *
 
 # --- the tutorial's knobs ---
 RUN_NAME = "DDPM_unconditional"  # files go to models/<RUN_NAME>/ and results/<RUN_NAME>/
@@ -147,7 +147,7 @@ class Diffusion:
     def denoise(self, model, x, labels=None, cfg_scale=3, steps=None, generator=None, progress=False, sampler=None,
                 start=None, frames_every=None):
         """The reverse process, as sample's, from x = x_t at timestep index `start` (None: T - 1) to x_0 (floats)."""
-        labels, model = check_labels(model, labels, len(x), self.device), model.to(self.device)
+        labels, model = check_labels(model, labels, len(x), self.device), model.to(self.device)  # (one device)
         check_cfg_scale(cfg_scale)
         start = self.noise_steps - 1 if start is None else start
         sampler = sampler or ("ancestral" if steps is None else "ddim")
@@ -249,7 +249,7 @@ class Diffusion:
         x0 = from_images(images, (self.channels, *self.img_size), self.device)
         if strength == 0:
             return images.to(self.device).clone()
-        start = math.ceil(strength * self.noise_steps) - 1
+        start = math.ceil(strength * self.noise_steps) - 1  # the index of t = strength * T, rounded up
         noise = torch.randn(x0.shape, device=self.device, generator=generator)
         x, _ = self.noise_images(x0, torch.full((len(x0),), start, device=self.device), noise)
         steps = None if steps is None else min(steps, start + 1)
@@ -258,8 +258,9 @@ class Diffusion:
     @torch.inference_mode()
     def inpaint(self, model, images, mask, labels=None, cfg_scale=3, steps=50, resample=1, generator=None):
         """RePaint (Lugmayr et al. 2022, Algorithm 1): fill in uint8 images (n, C, H, W) where mask (n or 1, 1 or C,
-        H, W) is 0: DDIM's `steps` timesteps (None: all T) as stochastic posterior steps, known pixels noised to each
-        step's level; `resample` > 1 redoes each step after noising it one step back, harmonising the two regions."""
+        H, W) is 0, keep them where it is 1: DDIM's `steps` timesteps (None: all T) as stochastic posterior steps,
+        known pixels noised to each step's level; `resample` > 1 redoes each step after noising it one step back,
+        harmonising the two regions."""
         known = from_images(images, (self.channels, *self.img_size), self.device)
         mask = torch.as_tensor(mask).float().to(self.device)  # (a float64 numpy mask: MPS has no float64)
         if mask.ndim != 4 or any(m not in (1, k) for m, k in zip(mask.shape, known.shape)):
@@ -297,8 +298,8 @@ def train_step(model, ema_model, ema, optimizer, diffusion, images, generator, c
     global batch and keeps its slice, so N processes compute what one does with the global batch."""
     x0 = images.float() / 127.5 - 1  # [0, 255] -> [-1, 1]
     n, N, device = len(x0), len(x0) * world_size, x0.device
-    mine = slice(rank * n, (rank + 1) * n)
-    if c.flip:
+    mine = slice(rank * n, (rank + 1) * n)  # this process's slice of the global batch
+    if c.flip:  # random horizontal flips
         flip = torch.rand(N, device=device, generator=generator)[mine] < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
     t = (importance or diffusion).sample_timesteps(N, generator)[mine]  # Algorithm 1, line 3
@@ -339,14 +340,14 @@ def train(config):
     resumes the run in models/<run_name>/ where one is. Returns (model, ema_model)."""
     c = argparse.Namespace(**vars(config))  # completed below from the data; the caller's stays as it was
     check_config(c)
-    with distributed(c.device) as (device, rank, world_size):
+    with distributed(c.device) as (device, rank, world_size):  # torchrun: one process per GPU
         log = print if rank == 0 else lambda *args: None
         with local_rank_zero_first():  # torchrun: one process downloads, then the others read
             dataset = load_dataset(c.dataset, c.img_size, None, "train", c.data_dir, c.num_images, c.seed)
         complete_config(c, dataset, conditional=False)
         c.world_size = world_size  # the global batch is world_size * batch_size * grad_accum images
         models_dir, results_dir = setup_logging(c.run_name)
-        state = read_train_state(models_dir, vars(c))
+        state = read_train_state(models_dir, vars(c))  # None for a new run
 
         torch.manual_seed(c.seed)
         model = make_model(c).to(device)
@@ -364,7 +365,7 @@ def train(config):
                    generator=generator, importance=importance)
         # where the run stands; total and count: the losses since the last readout, summed on the device
         epoch, batch, step, losses, total, count = resume(state, run, log, c.epochs) if state else (0, 0, 0, [], 0.0, 0)
-        if epoch >= c.epochs:
+        if epoch >= c.epochs:  # a finished run: nothing to do (resume said so)
             return model, ema_model
 
         torchrun = torch.distributed.is_initialized()
@@ -379,7 +380,7 @@ def train(config):
                 f"{world_size * batch_size}" if torchrun else ""))
         logger = make_logger(c.logger, c.run_name, vars(c)) if rank == 0 else lambda step, scalars, images=None: None
         with save_and_stop_on_ctrl_c(models_dir, enabled=not torchrun) as interrupted:
-            started, first_step = time.perf_counter(), step
+            started, first_step = time.perf_counter(), step  # the pace so far: the time left
             for epoch in range(epoch, c.epochs):
                 dataloader.sampler.set_epoch(epoch, start=batch)
                 pbar = tqdm(dataloader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, disable=rank != 0)
@@ -410,7 +411,7 @@ def train(config):
                     save_train_state(models_dir, c, run, epoch + 1, 0, step, losses)
                     grid = sample_grid(diffusion, ema_model, c, amp, device)
                     save_images(grid, results_dir / f"{epoch + 1}.jpg")
-                    logger(step, {}, images=grid)
+                    logger(step, {}, images=grid)  # TensorBoard's Images tab, or W&B
                     save_progress_gif(results_dir, epoch + 1)
                     save_loss_plot(losses, results_dir / "loss.png")
         log(f"done: {models_dir}/ema_ckpt.pt, sample grids in {results_dir}/")

@@ -87,35 +87,36 @@ def drop_labels(labels, p, generator=None, rank=0, world_size=1):
 
 def train_step(model, ema_model, ema, optimizer, diffusion, images, labels, generator, c, amp=None, scaler=None,
                importance=None, rank=0, world_size=1):
-    """ddpm.train_step (Algorithm 1, then the EMA update) with labels, each dropped with probability CFG_DROP."""
-    x0 = images.float() / 127.5 - 1
+    """One optimizer step of Algorithm 1 with labels, each dropped with probability CFG_DROP, then the EMA update;
+    returns the loss as a tensor (no wait for the device). scaler, importance, rank, world_size: as in ddpm.py."""
+    x0 = images.float() / 127.5 - 1  # [0, 255] -> [-1, 1]
     n, N, device = len(x0), len(x0) * world_size, x0.device
-    mine = slice(rank * n, (rank + 1) * n)
-    if c.flip:
+    mine = slice(rank * n, (rank + 1) * n)  # this process's slice of the global batch (see ddpm.train_step)
+    if c.flip:  # random horizontal flips
         flip = torch.rand(N, device=device, generator=generator)[mine] < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
     t = (importance or diffusion).sample_timesteps(N, generator)[mine]  # Algorithm 1, line 3
     noise = torch.randn((N, *x0.shape[1:]), device=device, generator=generator)[mine]  # line 4: eps ~ N(0, I)
     x_t, noise = diffusion.noise_images(x0, t, noise)
-    labels = drop_labels(labels, c.cfg_drop, generator, rank, world_size)
+    labels = drop_labels(labels, c.cfg_drop, generator, rank, world_size)  # each sample's, with probability CFG_DROP
     optimizer.zero_grad(set_to_none=True)
-    micro, total, losses = n // c.grad_accum, 0.0, []
+    micro, total, losses = n // c.grad_accum, 0.0, []  # GRAD_ACCUM micro-batches: their gradients add up
     for i in range(0, n, micro):
         part = slice(i, i + micro)
-        with no_sync(model, last_micro_batch=i + micro >= n), autocast(device, amp):
+        with no_sync(model, last_micro_batch=i + micro >= n), autocast(device, amp):  # torchrun: one all-reduce
             predicted = model(x_t[part], t[part], labels[part])
         losses.append(diffusion.loss(predicted, x0[part], noise[part], t[part]))  # line 5, one per sample
         weight = 1.0 if importance is None else importance.weight(t[part])
         loss = (weight * losses[-1]).mean() / c.grad_accum
-        (loss if scaler is None else scaler.scale(loss)).backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()  # float16: scaled, so small gradients survive
         total += loss.detach()
     if scaler is None:
         optimizer.step()  # line 6: a gradient step
     else:
         scaler.step(optimizer)
         scaler.update()
-    ema.step_ema(ema_model, model, c.ema_start)
-    if importance is not None:
+    ema.step_ema(ema_model, model, c.ema_start)  # ema = EMA_BETA * ema + (1 - EMA_BETA) * weights
+    if importance is not None:  # the next steps' t are drawn by the whole global batch's losses
         importance.update(all_gather(t, world_size), all_gather(torch.cat(losses).detach(), world_size))
     return total
 
@@ -132,7 +133,8 @@ def grid_labels(c, per_row=8):
 
 
 def sample_grid(diffusion, ema_model, c, amp, device):
-    """ddpm.sample_grid's, a row for each of grid_labels, guided with CFG_SCALE."""
+    """The images written after each epoch, a row for each of grid_labels, guided with CFG_SCALE, from the same noise
+    every epoch (so the grids show progress)."""
     labels = grid_labels(c).to(device)
     generator = torch.Generator(device).manual_seed(c.seed)
     with autocast(device, amp):
@@ -142,18 +144,19 @@ def sample_grid(diffusion, ema_model, c, amp, device):
 
 
 def train(config):
-    """ddpm.train for a class-conditional UNet, with a guided sample grid after each epoch."""
-    c = argparse.Namespace(**vars(config))
+    """Train a class-conditional UNet on the data of `config` (the constants above, lower-case), a guided sample grid
+    after each epoch; resumes the run in models/<run_name>/ where one is. Returns (model, ema_model)."""
+    c = argparse.Namespace(**vars(config))  # completed below from the data; the caller's stays as it was
     check_config(c)
-    with distributed(c.device) as (device, rank, world_size):
+    with distributed(c.device) as (device, rank, world_size):  # torchrun: one process per GPU
         log = print if rank == 0 else lambda *args: None
-        with local_rank_zero_first():
+        with local_rank_zero_first():  # torchrun: one process downloads, then the others read
             dataset = load_dataset(c.dataset, c.img_size, None, "train", c.data_dir, c.num_images, c.seed,
                                    c.attributes)
         complete_config(c, dataset, conditional=True)  # channels, classes, num_classes, multi-hot labels or not
-        c.world_size = world_size
+        c.world_size = world_size  # the global batch is world_size * batch_size * grad_accum images
         models_dir, results_dir = setup_logging(c.run_name)
-        state = read_train_state(models_dir, vars(c))
+        state = read_train_state(models_dir, vars(c))  # None for a new run
 
         torch.manual_seed(c.seed)
         model = make_model(c).to(device)
@@ -166,18 +169,19 @@ def train(config):
         scaler = grad_scaler(device, amp)  # float16 needs a loss scale
         check_attention_memory(device, c)  # (Apple MPS)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on CUDA in TF32, as convolutions already are
-        generator = torch.Generator(device).manual_seed(c.seed)
+        generator = torch.Generator(device).manual_seed(c.seed)  # every random draw of training comes from it
         run = dict(model=model, ema_model=ema_model, optimizer=optimizer, ema=ema, scaler=scaler,
                    generator=generator, importance=importance)
+        # where the run stands; total and count: the losses since the last readout, summed on the device
         epoch, batch, step, losses, total, count = resume(state, run, log, c.epochs) if state else (0, 0, 0, [], 0.0, 0)
-        if epoch >= c.epochs:
+        if epoch >= c.epochs:  # a finished run: nothing to do (resume said so)
             return model, ema_model
 
         torchrun = torch.distributed.is_initialized()
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-            if torchrun else model
+            if torchrun else model  # DDP averages the gradients
         train_model = torch.compile(train_model) if c.compile else train_model
-        batch_size = c.batch_size * c.grad_accum
+        batch_size = c.batch_size * c.grad_accum  # images per optimizer step and process
         dataloader = get_data(dataset, batch_size, c.seed, device, rank, world_size)
         log(f"{len(dataset)} images, {len(dataloader)} steps per epoch, {sum(p.numel() for p in model.parameters()):,}"
             f" parameters, on {device}{f' with {str(amp)[6:]} autocast' if amp else ''}" + (
@@ -185,7 +189,7 @@ def train(config):
                 f"{world_size * batch_size}" if torchrun else ""))
         logger = make_logger(c.logger, c.run_name, vars(c)) if rank == 0 else lambda step, scalars, images=None: None
         with save_and_stop_on_ctrl_c(models_dir, enabled=not torchrun) as interrupted:
-            started, first_step = time.perf_counter(), step
+            started, first_step = time.perf_counter(), step  # the pace so far: the time left
             for epoch in range(epoch, c.epochs):
                 dataloader.sampler.set_epoch(epoch, start=batch)
                 pbar = tqdm(dataloader, desc=f"epoch {epoch + 1}/{c.epochs}", initial=batch, disable=rank != 0)
@@ -196,9 +200,9 @@ def train(config):
                     total += train_step(train_model, ema_model, ema, optimizer, diffusion, images, labels, generator,
                                         c, amp, scaler, importance, rank, world_size)
                     step, batch, count = step + 1, batch + 1, count + 1
-                    stop = interrupted()
+                    stop = interrupted()  # Ctrl-C: a checkpoint at this step boundary, then stop
                     save_now = c.save_every and step % c.save_every == 0 and batch < len(dataloader)
-                    if step % 25 == 0 or batch == len(dataloader) or save_now:
+                    if step % 25 == 0 or batch == len(dataloader) or save_now:  # a readout waits for the device
                         losses.append((step, mean_loss(total, count, world_size, step, models_dir)))  # NaN: stop
                         pbar.set_postfix(loss=f"{losses[-1][1]:.4f}", run_left=time_left(
                             started, step - first_step, c.epochs * len(dataloader) - step))
@@ -216,7 +220,7 @@ def train(config):
                     save_train_state(models_dir, c, run, epoch + 1, 0, step, losses)
                     grid = sample_grid(diffusion, ema_model, c, amp, device)
                     save_images(grid, results_dir / f"{epoch + 1}.jpg")
-                    logger(step, {}, images=grid)
+                    logger(step, {}, images=grid)  # TensorBoard's Images tab, or W&B
                     save_progress_gif(results_dir, epoch + 1)
                     save_loss_plot(losses, results_dir / "loss.png")
         log(f"done: {models_dir}/ema_ckpt.pt, sample grids in {results_dir}/")
@@ -224,5 +228,5 @@ def train(config):
 
 
 if __name__ == "__main__":
-    with clear_errors():
+    with clear_errors():  # bad input: one line, no traceback
         train(parse_config(globals()))

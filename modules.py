@@ -26,7 +26,7 @@ class EMA:
 
     @torch.no_grad()
     def update_model_average(self, ema_model, model):
-        self.average(list(ema_model.parameters()), list(model.parameters()), None)
+        self.average(list(ema_model.parameters()), list(model.parameters()), None)  # ema + (1 - beta) (current - ema)
 
     @torch.no_grad()
     def reset_parameters(self, ema_model, model):
@@ -151,7 +151,7 @@ class UNet(nn.Module):
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, width=64, attention=(1, 2, 4, 8), device=None, norm_groups=1,
                  film=False):
-        super().__init__()
+        super().__init__()  # (a ValueError names the option: make_model shows it as one line)
         if width < 4 or width % 4:
             raise ValueError(f"width={width}: must be a positive multiple of 4 (self-attention uses 4 heads)")
         if norm_groups < 1 or width % norm_groups:

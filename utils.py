@@ -221,10 +221,10 @@ def distributed(device):
     """(device, rank, world_size). Under torchrun (with one process too) it joins the process group, NCCL on CUDA (one
     GPU per process, LOCAL_RANK) or gloo on the CPU, and leaves it at the end; a plain `python` run is rank 0 of 1."""
     device = pick_device(device)
-    if "LOCAL_RANK" not in os.environ:
+    if "LOCAL_RANK" not in os.environ:  # not started by torchrun
         yield device, 0, 1
         return
-    if device.type == "cuda":
+    if device.type == "cuda":  # NCCL, bound to this process's GPU
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
