@@ -74,15 +74,15 @@ class Diffusion:
     """Forward process q(x_t | x_0), training loss, samplers. Index t = 0 .. T-1 is the paper's t = 1 .. T."""
 
     def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, device=None, channels=3,
-                 schedule="linear", prediction="eps", loss_weighting="none", min_snr_gamma=5.0, timesteps="uniform"):
+                 schedule="linear", prediction="eps", loss_weighting="none", timesteps="uniform"):
         for name, value, allowed in (("schedule", schedule, ("linear", "cosine")), ("prediction", prediction,
                                      ("eps", "v")), ("loss_weighting", loss_weighting, ("none", "min_snr")),
                                      ("timesteps", timesteps, ("uniform", "logit_normal"))):
             if value not in allowed:
                 raise UserError(f"{name} '{value}': expected {' or '.join(map(repr, allowed))}")
         self.noise_steps, self.beta_start, self.beta_end, self.schedule = noise_steps, beta_start, beta_end, schedule
-        self.prediction, self.loss_weighting, self.min_snr_gamma = prediction, loss_weighting, min_snr_gamma
-        self.timesteps, self.img_size, self.channels = timesteps, image_size(img_size), channels
+        self.prediction, self.loss_weighting, self.timesteps = prediction, loss_weighting, timesteps
+        self.img_size, self.channels = image_size(img_size), channels
         self.device = pick_device(device)
         beta = self.prepare_noise_schedule()
         alpha_hat = torch.cumprod(1 - beta, dim=0)
@@ -119,12 +119,13 @@ class Diffusion:
         return alpha_hat.sqrt() * noise - (1 - alpha_hat).sqrt() * x0
 
     def loss_weight(self, t):
-        """"min_snr" (Hang et al. 2023): the x_0 error weighted by min(SNR_t, gamma), SNR_t = alpha_hat / (1 -
-        alpha_hat); the eps error is SNR times the x_0 error and the v error (SNR + 1) times, hence the divisions."""
+        """"min_snr" (Hang et al. 2023): the x_0 error weighted by min(SNR_t, 5), SNR_t = alpha_hat / (1 - alpha_hat)
+        (gamma 5: 2 and 20 lose, docs/measurements.md); the eps error is SNR times the x_0 error and the v error
+        (SNR + 1) times, hence the divisions."""
         if self.loss_weighting == "none":
             return torch.ones_like(t, dtype=torch.float32)
         snr = self.alpha_hat[t] / (1 - self.alpha_hat[t])
-        clipped = snr.clamp(max=self.min_snr_gamma)
+        clipped = snr.clamp(max=5.0)
         return clipped / snr if self.prediction == "eps" else clipped / (snr + 1)
 
     def loss(self, predicted, x0, noise, t):

@@ -337,7 +337,7 @@ def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error(prediction):
     """Hang et al. 2023: the loss is min(SNR_t, gamma) |x_0 - x_0_hat|^2 whatever the network predicts. So the weight
     times the squared error of the network's own output must equal that, for any output; at the chosen timesteps the
     weights for eps are min(SNR, 5) / SNR (1 where SNR <= 5)."""
-    diffusion = Diffusion(device="cpu", prediction=prediction, loss_weighting="min_snr", min_snr_gamma=5.0)
+    diffusion = Diffusion(device="cpu", prediction=prediction, loss_weighting="min_snr")
     torch.manual_seed(0)
     t = torch.tensor([0, 40, 150, 400, 999])
     x0, noise = torch.rand(5, 3, 8, 8) * 2 - 1, torch.randn(5, 3, 8, 8)
