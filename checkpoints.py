@@ -102,10 +102,10 @@ def resume(state, run, log, epochs):
     folder = f"models/{state['config']['run_name']}"
     if state["epoch"] >= epochs:
         log(f"{folder} has already trained {state['epoch']} epochs (--epochs {epochs}): nothing to do")
-    elif saved_on != device.type:
-        log(f"resuming on {device.type} a run saved on {saved_on}: its random draws go on from a new stream (seed "
-            f"{state['config']['seed']}, step {state['step']}), so they differ from an uninterrupted run's")
-    if state["epoch"] < epochs:
+    else:
+        if saved_on != device.type:
+            log(f"resuming on {device.type} a run saved on {saved_on}: its random draws go on from a new stream "
+                f"(seed {state['config']['seed']}, step {state['step']}), so they differ from an uninterrupted run's")
         log(f"resuming {folder} at epoch {state['epoch'] + 1}, step {state['step']}")
     total, count = state["window"]
     return (state["epoch"], state["batch"], state["step"], state["losses"],

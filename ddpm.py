@@ -270,6 +270,7 @@ class Diffusion:
         if resample < 1:
             raise UserError(f"resample={resample}: expected 1 or more")
         labels, model = check_labels(model, labels, len(known), self.device), model.to(self.device)
+        check_cfg_scale(cfg_scale)
         timesteps = self.sampler_timesteps(steps, "ddim", self.noise_steps - 1)
         randn = lambda: torch.randn(known.shape, device=self.device, generator=generator)
         was_training = model.training

@@ -19,19 +19,17 @@ images.
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from data import ImageTensors, UserError, attribute_names, default_flip, image_size, load_dataset
 from tqdm import tqdm
 
-from checkpoints import load_weights
-from ddpm import load_run, read_config
+from checkpoints import load_weights, read_config
+from data import ImageTensors, UserError, attribute_names, default_flip, image_size, load_dataset
+from ddpm import load_run
 from options import clear_errors
 from utils import amp_dtype, autocast, pick_device
 

@@ -515,6 +515,11 @@ def test_sampling_refuses_labels_below_minus_one_and_negative_guidance_and_a_tra
         diffusion.sample(model, 2, torch.tensor([1, -2]), steps=2, progress=False)
     with pytest.raises(UserError, match=r"^cfg_scale=-0.5: expected 0 or more"):
         diffusion.sample(model, 2, torch.tensor([1, -1]), cfg_scale=-0.5, steps=2, progress=False)
+    images, mask = torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.ones(1, 1, 8, 8)
+    for edit in (lambda: diffusion.img2img(model, images, 0.5, torch.tensor([1, 2]), cfg_scale=-0.5, steps=2),
+                 lambda: diffusion.inpaint(model, images, mask, torch.tensor([1, 2]), cfg_scale=-0.5, steps=2)):
+        with pytest.raises(UserError, match=r"^cfg_scale=-0.5: expected 0 or more"):  # every sampler refuses it
+            edit()
     run("ddpm_conditional.py", "--epochs", "1", cwd=tmp_path)
     state = tmp_path / "models" / "DDPM_conditional" / "train_state.pt"
     with pytest.raises(UserError, match=r"train_state\.pt' is a train_state\.pt \(all that a resume needs\), not a "
