@@ -187,7 +187,7 @@ def train(config):
             f" parameters, on {device}{f' with {str(amp)[6:]} autocast' if amp else ''}" + (
                 f", torchrun: {world_size} processes ({torch.distributed.get_backend()}), global batch "
                 f"{world_size * batch_size}" if torchrun else ""))
-        logger = make_logger(c.logger, c.run_name, vars(c)) if rank == 0 else lambda step, scalars, images=None: None
+        logger = make_logger(c.logger if rank == 0 else None, c.run_name, vars(c))  # (other ranks: nowhere)
         with save_and_stop_on_ctrl_c(models_dir, enabled=not torchrun) as interrupted:
             started, first_step = time.perf_counter(), step  # the pace so far: the time left
             for epoch in range(epoch, c.epochs):
